@@ -1,0 +1,115 @@
+"""create_app(config) → Starlette. No work at import time; each app has its own plugins."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+import httpx
+import pluggy
+from starlette.applications import Starlette
+from starlette.exceptions import HTTPException
+from starlette.requests import Request
+from starlette.responses import Response
+from starlette.routing import BaseRoute
+
+from aiproxy.config import Config
+from aiproxy.errors import ProxyError
+from aiproxy.gateway import Gateway, error_response, internal_error
+from aiproxy.hooks import Hooks
+from aiproxy.plugins import build_plugin_manager, check_provider_kinds, provider_kinds
+from aiproxy.provider import Provider
+from aiproxy.router import Router
+from aiproxy.routes import health, v1
+from aiproxy.upstream import build_client
+
+log = logging.getLogger("aiproxy")
+
+
+def create_app(config: Config, *, transport: httpx.AsyncBaseTransport | None = None,
+               plugin_manager: pluggy.PluginManager | None = None) -> Starlette:
+    """Build the gateway for ``config``.
+
+    ``transport`` replaces the network under the shared upstream client (tests pass
+    ``httpx.MockTransport``). Raises ConfigError / PluginError before anything listens.
+    """
+    pm = plugin_manager or build_plugin_manager(config)
+    hooks = Hooks(pm, config.section)
+    kinds = provider_kinds(hooks)
+    check_provider_kinds(config, kinds)
+    routes: list[BaseRoute] = [*v1.routes, *health.routes]
+    for extra in hooks.sync_all("aiproxy_routes", config=config):
+        routes.extend(extra)
+
+    @asynccontextmanager
+    async def lifespan(app: Starlette) -> AsyncIterator[None]:
+        http = build_client(transport)
+        providers, disabled = build_providers(config, kinds, http)
+        app.state.gateway = Gateway(config, hooks, Router(config.models, providers, disabled))
+        starters = hooks.implementers("aiproxy_startup")
+        started: set[str] = set()
+        try:
+            for plugin in starters:
+                await hooks.one("aiproxy_startup", plugin, app=app, config=config)
+                started.add(plugin)
+            yield
+        finally:
+            for plugin in reversed(hooks.implementers("aiproxy_shutdown")):
+                if plugin in starters and plugin not in started:
+                    continue  # its start-up never ran
+                try:
+                    await hooks.one("aiproxy_shutdown", plugin, app=app, config=config)
+                except Exception:
+                    log.exception("shutdown of plugin %r failed", plugin)
+            for provider in providers.values():
+                try:
+                    await provider.aclose()
+                except Exception:
+                    log.exception("closing provider %r failed", provider.name)
+            await http.aclose()
+
+    app = Starlette(routes=routes, lifespan=lifespan, exception_handlers={
+        HTTPException: _http_exception,
+        Exception: _unhandled,
+    })
+    app.state.config = config
+    app.state.hooks = hooks
+    app.state.plugin_manager = pm
+    return app
+
+
+def build_providers(config: Config, kinds: dict[str, type[Provider]], http: httpx.AsyncClient, *,
+                    quiet: bool = False) -> tuple[dict[str, Provider], dict[str, str]]:
+    """One instance per ``providers:`` entry; those missing a required setting are left
+    out (``disabled`` maps their names to the reason), each with one log line."""
+    providers: dict[str, Provider] = {}
+    disabled: dict[str, str] = {}
+    for pc in config.providers.values():
+        provider = kinds[pc.plugin](pc, http)
+        missing = provider.missing()
+        if missing:
+            reason = f"{' and '.join(missing)} is not set"
+            if not quiet:
+                log.warning("provider %r is left out of routing: %s", pc.name, reason)
+            disabled[pc.name] = reason
+            continue
+        providers[pc.name] = provider
+    return providers, disabled
+
+
+async def _http_exception(request: Request, exc: Exception) -> Response:
+    assert isinstance(exc, HTTPException)
+    if exc.status_code == 404:
+        error = ProxyError(404, f"No route for {request.method} {request.url.path}.", code="not_found")
+    elif exc.status_code == 405:
+        error = ProxyError(405, f"Method {request.method} is not allowed on {request.url.path}.",
+                           type="invalid_request_error", code="method_not_allowed",
+                           headers=exc.headers or None)
+    else:
+        error = ProxyError(exc.status_code, str(exc.detail))
+    return error_response(error)
+
+
+async def _unhandled(request: Request, exc: Exception) -> Response:
+    log.error("unhandled error on %s %s", request.method, request.url.path, exc_info=exc)
+    return error_response(internal_error())

@@ -1,0 +1,103 @@
+"""The context one request carries through every stage: Call, Principal, Usage."""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from starlette.datastructures import Headers
+
+    from aiproxy.errors import ProxyError
+    from aiproxy.router import Deployment
+
+#: The operations a call can be; also the provider method each one maps to.
+OPERATIONS = ("chat", "completion", "embedding")
+
+
+@dataclass(slots=True)
+class Principal:
+    """Who is calling, as the authenticate stage found it. Holds no secret."""
+
+    id: str
+    kind: str = "key"  # "master", "key", "anonymous", or a plugin's own word
+    user: str | None = None
+    tenant: str | None = None
+    team: str | None = None
+    tier: str | None = None
+    roles: tuple[str, ...] = ()
+    allowed_models: tuple[str, ...] | None = None  # None: every model
+    metadata: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass(slots=True)
+class Usage:
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+    total_tokens: int = 0
+    cached_tokens: int = 0
+
+    @classmethod
+    def from_openai(cls, usage: Any) -> Usage | None:
+        """Read an OpenAI ``usage`` object; None when absent or malformed."""
+        if not isinstance(usage, dict):
+            return None
+        prompt = _int(usage.get("prompt_tokens"))
+        completion = _int(usage.get("completion_tokens"))
+        total = _int(usage.get("total_tokens")) or prompt + completion
+        details = usage.get("prompt_tokens_details")
+        cached = _int(details.get("cached_tokens")) if isinstance(details, dict) else 0
+        return cls(prompt, completion, total, cached)
+
+    def to_openai(self) -> dict[str, Any]:
+        usage: dict[str, Any] = {
+            "prompt_tokens": self.prompt_tokens,
+            "completion_tokens": self.completion_tokens,
+            "total_tokens": self.total_tokens,
+        }
+        if self.cached_tokens:
+            usage["prompt_tokens_details"] = {"cached_tokens": self.cached_tokens}
+        return usage
+
+
+def _int(value: Any) -> int:
+    return value if type(value) is int else 0
+
+
+@dataclass(slots=True, eq=False)
+class Call:
+    """One client request on its way through the gateway.
+
+    Stages read it and write to the fields meant for them: ``upstream_headers``
+    (sent to the provider), ``response_headers`` (sent to the client), ``metadata``
+    (recorded with the call), ``state`` (scratch space, keyed by plugin name).
+    """
+
+    request_id: str
+    operation: str  # one of OPERATIONS
+    body: dict[str, Any]  # the parsed client request, OpenAI-shaped
+    model: str  # the model name the client asked for
+    stream: bool
+    headers: Headers  # the client's request headers
+    ingress: str = "openai"  # which wire format the client speaks
+    principal: Principal | None = None
+    deployment: Deployment | None = None
+    upstream_model: str = ""  # what the deployment asks its upstream for
+    upstream_headers: dict[str, str] = field(default_factory=dict)
+    response_headers: dict[str, str] = field(default_factory=dict)
+    metadata: dict[str, Any] = field(default_factory=dict)
+    state: dict[str, Any] = field(default_factory=dict)
+    usage: Usage | None = None
+    response: dict[str, Any] | None = None  # the final OpenAI-shaped answer (non-stream)
+    error: ProxyError | None = None
+    cached: bool = False
+    started: float = field(default_factory=time.perf_counter)
+    first_byte: float | None = None  # perf_counter() when the first stream chunk went out
+    finished: float | None = None
+    attempts: int = 0
+
+    @property
+    def latency(self) -> float | None:
+        """Seconds from arrival to the last byte, once finished."""
+        return None if self.finished is None else self.finished - self.started

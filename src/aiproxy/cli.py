@@ -1,0 +1,147 @@
+"""``aiproxy serve | check-config | plugins``."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+
+from aiproxy import __version__
+from aiproxy.config import Config, ConfigError, is_loopback, load_config
+
+CONFIG_ENV = "AIPROXY_CONFIG"
+
+
+def _config_path(arg: str | None) -> Path:
+    return Path(arg or os.environ.get(CONFIG_ENV) or "config.yaml")
+
+
+def _load(arg: str | None) -> Config:
+    return load_config(_config_path(arg))
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="aiproxy", description="An OpenAI-compatible LLM gateway.")
+    parser.add_argument("--version", action="version", version=f"aiproxy {__version__}")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    serve = sub.add_parser("serve", help="start the gateway")
+    serve.add_argument("--config", help=f"YAML file (default: ${CONFIG_ENV} or ./config.yaml)")
+    serve.add_argument("--host", help="override server.host")
+    serve.add_argument("--port", type=int, help="override server.port")
+    serve.add_argument("--workers", type=int, help="override server.workers")
+    serve.add_argument("--log-level", help="override server.log_level")
+
+    check = sub.add_parser("check-config", help="validate the config and print a summary")
+    check.add_argument("--config")
+
+    plugins = sub.add_parser("plugins", help="list loaded plugins and the hooks each implements")
+    plugins.add_argument("--config")
+
+    args = parser.parse_args(argv)
+    try:
+        if args.command == "serve":
+            return _serve(args)
+        if args.command == "check-config":
+            return _check(args)
+        return _plugins(args)
+    except ConfigError as exc:
+        print(f"aiproxy: invalid config {exc.source}:", file=sys.stderr)
+        for line in exc.errors:
+            print(f"  {line}", file=sys.stderr)
+        return 2
+    except Exception as exc:
+        from aiproxy.plugins import PluginError
+
+        if isinstance(exc, PluginError):
+            print(f"aiproxy: {exc}", file=sys.stderr)
+            return 2
+        raise
+
+
+def _serve(args: argparse.Namespace) -> int:
+    import uvicorn
+
+    from aiproxy.app import create_app
+
+    config = _load(args.config)
+    server = config.server
+    host = args.host or server.host
+    port = args.port if args.port is not None else server.port
+    workers = args.workers or server.workers
+    level = (args.log_level or server.log_level).lower()
+    logging.basicConfig(level=level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    if not server.master_key and not is_loopback(host):
+        print(f"aiproxy: refusing to listen on {host}: no server.master_key is set, so anyone who "
+              "can reach it could spend your provider keys. Set AIPROXY_MASTER_KEY (or "
+              "server.master_key), or listen on 127.0.0.1.", file=sys.stderr)
+        return 2
+    common = dict(host=host, port=port, log_level=level, access_log=server.access_log,
+                  loop="auto", http="auto", lifespan="on", timeout_graceful_shutdown=30,
+                  server_header=False)
+    if workers > 1:
+        os.environ[CONFIG_ENV] = str(_config_path(args.config).resolve())
+        create_app(config)  # fail here, once, on a bad plugin, not in every worker
+        uvicorn.run("aiproxy.cli:worker_app", factory=True, workers=workers, **common)  # type: ignore[arg-type]
+    else:
+        uvicorn.run(create_app(config), **common)  # type: ignore[arg-type]
+    return 0
+
+
+def worker_app() -> object:
+    """The app of one worker process when ``--workers`` > 1."""
+    from aiproxy.app import create_app
+
+    return create_app(_load(None))
+
+
+def _check(args: argparse.Namespace) -> int:
+    from aiproxy.app import create_app
+
+    config = _load(args.config)
+    app = create_app(config)  # loads plugins and checks provider kinds
+    import asyncio
+
+    import httpx
+
+    from aiproxy.app import build_providers
+    from aiproxy.plugins import provider_kinds
+
+    http = httpx.AsyncClient()
+    _, disabled = build_providers(config, provider_kinds(app.state.hooks), http, quiet=True)
+    asyncio.run(http.aclose())
+    print(f"{config.source}: OK")
+    print(f"  server: {config.server.host}:{config.server.port}, workers {config.server.workers}, "
+          f"master key {'set' if config.server.master_key else 'NOT set (loopback only)'}")
+    print(f"  providers ({len(config.providers)}):")
+    for name, provider in config.providers.items():
+        state = f"left out of routing: {disabled[name]}" if name in disabled else "ready"
+        print(f"    {name} ({provider.plugin}): {state}")
+    print(f"  models ({len(config.models)}):")
+    for m in config.models:
+        target = m.model or m.name
+        print(f"    {m.name} → {m.provider}:{target}")
+    loaded = set(app.state.plugin_manager.sources)
+    unused = sorted(k for k in config.sections if k not in loaded and k not in ("database", "redis"))
+    if unused:
+        print(f"  sections no loaded plugin reads (yet): {', '.join(unused)}")
+    return 0
+
+
+def _plugins(args: argparse.Namespace) -> int:
+    from aiproxy.plugins import build_plugin_manager, describe
+
+    pm = build_plugin_manager(_load(args.config))
+    rows = describe(pm)
+    width = max(len(r.name) for r in rows)
+    for r in rows:
+        print(f"{r.name:<{width}}  {r.source}")
+        print(f"{'':<{width}}    hooks: {', '.join(r.hooks) or '(none)'}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

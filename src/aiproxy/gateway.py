@@ -1,0 +1,208 @@
+"""The path of one call: authenticate, route, before-call, cache, provider, after-call.
+
+Routes parse and validate; this runs the stages and turns the outcome into a
+response. Stages talk only through hooks; the provider is reached through the router.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import time
+from collections.abc import AsyncIterator
+from typing import TYPE_CHECKING, Any
+
+import anyio
+from starlette.responses import Response, StreamingResponse
+
+from aiproxy import sse, wire
+from aiproxy.call import Call, Principal, Usage
+from aiproxy.errors import ProxyError
+
+if TYPE_CHECKING:
+    from starlette.requests import Request
+
+    from aiproxy.config import Config
+    from aiproxy.hooks import Hooks
+    from aiproxy.provider import Reply
+    from aiproxy.router import Router
+
+log = logging.getLogger("aiproxy.gateway")
+
+ANONYMOUS = Principal(id="anonymous", kind="anonymous")
+_STREAM_HEADERS = {"cache-control": "no-cache", "x-accel-buffering": "no"}
+_WHOLE = {"chat": "chat", "completion": "completion", "embedding": "embedding"}
+_STREAMED = {"chat": "chat_stream", "completion": "completion_stream"}
+
+
+def request_id(request: Request) -> str:
+    """The client's ``x-request-id`` when it is a sane token, else a new one."""
+    given = request.headers.get("x-request-id")
+    if given and len(given) <= 128 and given.isascii() and given.isprintable():
+        return given
+    return os.urandom(12).hex()
+
+
+def error_response(exc: ProxyError, rid: str | None = None) -> Response:
+    headers = dict(exc.headers)
+    if rid:
+        headers["x-request-id"] = rid
+    return Response(exc.json(), status_code=exc.status, headers=headers, media_type="application/json")
+
+
+def internal_error() -> ProxyError:
+    return ProxyError(500, "The gateway failed while handling the request; it has been logged.",
+                      type="internal_error", code="internal_error")
+
+
+class Gateway:
+    def __init__(self, config: Config, hooks: Hooks, router: Router) -> None:
+        self.config = config
+        self.hooks = hooks
+        self.router = router
+        self.auth_required = config.server.master_key is not None
+
+    def new_call(self, request: Request, operation: str, body: dict[str, Any], model: str) -> Call:
+        return Call(request_id=request_id(request), operation=operation, body=body, model=model,
+                    stream=body.get("stream") is True, headers=request.headers)
+
+    async def handle(self, call: Call) -> Response:
+        """Run every stage for ``call``; always returns a response, never raises."""
+        try:
+            await self.admit(call)
+            if call.stream:
+                return await self._stream(call)
+            return await self._whole(call)
+        except ProxyError as exc:
+            return await self.fail(call, exc)
+        except Exception:
+            log.exception("request %s failed", call.request_id)
+            return await self.fail(call, internal_error())
+
+    async def authenticate(self, call: Call) -> Principal:
+        principal = await self.hooks.first("aiproxy_authenticate", call=call)
+        if principal is None:
+            if self.auth_required:
+                has_key = "authorization" in call.headers or "x-api-key" in call.headers
+                raise ProxyError(401, "Incorrect API key provided." if has_key else
+                                 "No API key provided: send 'Authorization: Bearer <key>'.",
+                                 code="invalid_api_key")
+            principal = ANONYMOUS
+        call.principal = principal
+        return principal
+
+    async def admit(self, call: Call) -> None:
+        """Authenticate, route, check model access, run the before-call stages."""
+        principal = await self.authenticate(call)
+        deployment = self.router.pick(call.model)
+        allowed = principal.allowed_models
+        if allowed is not None and call.model not in allowed:
+            raise ProxyError(403, f"This key may not use the model '{call.model}'.", param="model",
+                             code="model_not_allowed")
+        call.deployment = deployment
+        call.upstream_model = deployment.upstream_model(call.model)
+        await self.hooks.all("aiproxy_before_call", call=call)
+
+    # ------------------------------------------------------------ whole answers
+    async def _whole(self, call: Call) -> Response:
+        reply = await self._cached(call)
+        if reply is None:
+            assert call.deployment is not None
+            call.attempts += 1
+            method = getattr(call.deployment.provider, _WHOLE[call.operation])
+            reply = await method(call, call.deployment)
+            call.response = reply.data
+            if call.usage is None:
+                call.usage = Usage.from_openai(reply.data.get("usage"))
+            await self._quietly("aiproxy_cache_store", call=call, reply=reply)
+        call.finished = time.perf_counter()
+        await self._quietly("aiproxy_after_call", call=call)
+        headers = {**reply.headers, **call.response_headers, "x-request-id": call.request_id}
+        return Response(reply.body(), headers=headers, media_type="application/json")
+
+    async def _cached(self, call: Call) -> Reply | None:
+        reply: Reply | None = await self.hooks.first("aiproxy_cache_lookup", call=call)
+        if reply is not None:
+            call.cached = True
+            call.response = reply.data
+            call.usage = Usage.from_openai(reply.data.get("usage"))
+        return reply
+
+    # ------------------------------------------------------------ streams
+    async def _stream(self, call: Call) -> Response:
+        reply = await self._cached(call)
+        events: AsyncIterator[bytes]
+        if reply is not None:
+            options = call.body.get("stream_options") or {}
+            events = _replay(reply, bool(options.get("include_usage")))
+        else:
+            assert call.deployment is not None
+            method = _STREAMED.get(call.operation)
+            if method is None:
+                raise ProxyError(400, f"'stream' is not supported for {call.operation} requests",
+                                 param="stream")
+            call.attempts += 1
+            events = getattr(call.deployment.provider, method)(call, call.deployment)
+        # Wait for the first event before answering: a failure up to here is still a
+        # proper HTTP error (and, later, a retry), not a 200 with an error inside.
+        try:
+            first: bytes | None = await anext(events)
+        except StopAsyncIteration:
+            first = None
+        headers = {**call.response_headers, **_STREAM_HEADERS, "x-request-id": call.request_id}
+        return StreamingResponse(self._relay(call, first, events), headers=headers,
+                                 media_type="text/event-stream")
+
+    async def _relay(self, call: Call, first: bytes | None, events: AsyncIterator[bytes]) -> AsyncIterator[bytes]:
+        try:
+            if first is not None:
+                call.first_byte = time.perf_counter()
+                yield first
+                async for chunk in events:
+                    yield chunk
+            yield sse.DONE
+        except ProxyError as exc:
+            call.error = exc
+            yield sse.error_event(exc.body())
+        except Exception:
+            log.exception("stream %s failed", call.request_id)
+            call.error = internal_error()
+            yield sse.error_event(call.error.body())
+        except BaseException:  # the client went away: the task is cancelled
+            call.metadata["client_disconnected"] = True
+            raise
+        finally:
+            call.finished = time.perf_counter()
+            with anyio.CancelScope(shield=True):
+                aclose = getattr(events, "aclose", None)
+                if aclose is not None:
+                    try:
+                        await aclose()  # closes the upstream response: cancels it if unfinished
+                    except Exception:
+                        log.exception("closing the upstream stream of %s failed", call.request_id)
+                if call.error is not None:
+                    await self._quietly("aiproxy_on_error", call=call, error=call.error)
+                else:
+                    await self._quietly("aiproxy_after_call", call=call)
+
+    # ------------------------------------------------------------ errors
+    async def fail(self, call: Call, exc: ProxyError) -> Response:
+        call.error = exc
+        call.finished = time.perf_counter()
+        await self._quietly("aiproxy_on_error", call=call, error=exc)
+        return error_response(exc, call.request_id)
+
+    async def _quietly(self, hook: str, **kwargs: Any) -> None:
+        """Run a hook whose failure must not cost the client its answer: log it instead."""
+        if not self.hooks.has(hook):
+            return
+        try:
+            await self.hooks.all(hook, **kwargs)
+        except Exception:
+            call = kwargs.get("call")
+            log.exception("%s failed for request %s", hook, getattr(call, "request_id", "?"))
+
+
+async def _replay(reply: Reply, include_usage: bool) -> AsyncIterator[bytes]:
+    for chunk in wire.replay_chunks(reply.data, include_usage):
+        yield sse.event(chunk)

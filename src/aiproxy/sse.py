@@ -1,0 +1,77 @@
+"""Server-sent events as OpenAI frames them: ``data: <json>\\n\\n``, then ``data: [DONE]``."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterable, AsyncIterator
+from typing import Any
+
+import orjson
+
+DONE = b"data: [DONE]\n\n"
+
+
+def event(obj: Any) -> bytes:
+    """One SSE event carrying ``obj`` as JSON."""
+    return b"data: " + orjson.dumps(obj) + b"\n\n"
+
+
+def error_event(body: dict[str, Any]) -> bytes:
+    """The last event of a stream that failed after its first byte."""
+    return event(body)
+
+
+async def data_events(chunks: AsyncIterable[bytes]) -> AsyncIterator[bytes]:
+    """Split an upstream SSE byte stream into the payloads of its ``data:`` fields.
+
+    Yields each event's data (lines joined by ``\\n``) as bytes, without re-encoding;
+    comments, ``event:``/``id:``/``retry:`` fields and empty events are dropped.
+    Handles ``\\n``, ``\\r\\n`` and ``\\r`` line ends and events split across chunks.
+    """
+    buffer = b""
+    async for chunk in chunks:
+        if not chunk:
+            continue
+        buffer = buffer + chunk if buffer else chunk
+        if b"\r" in buffer:
+            if buffer.endswith(b"\r"):  # a \r\n may be split across chunks: wait for more
+                continue
+            buffer = buffer.replace(b"\r\n", b"\n").replace(b"\r", b"\n")
+        while True:
+            end = buffer.find(b"\n\n")
+            if end < 0:
+                break
+            block, buffer = buffer[:end], buffer[end + 2:]
+            data = _data_of(block)
+            if data is not None:
+                yield data
+    if buffer.strip():
+        data = _data_of(buffer.replace(b"\r\n", b"\n").replace(b"\r", b"\n").strip(b"\n"))
+        if data is not None:
+            yield data
+
+
+def _data_of(block: bytes) -> bytes | None:
+    if block.startswith(b"data: ") and b"\n" not in block:  # the usual case: one data line
+        return block[6:]
+    parts = []
+    for line in block.split(b"\n"):
+        if line.startswith(b"data:"):
+            value = line[5:]
+            parts.append(value[1:] if value.startswith(b" ") else value)
+    return b"\n".join(parts) if parts else None
+
+
+async def ndjson_lines(chunks: AsyncIterable[bytes]) -> AsyncIterator[bytes]:
+    """Split a newline-delimited JSON byte stream into its non-empty lines."""
+    buffer = b""
+    async for chunk in chunks:
+        buffer = buffer + chunk if buffer else chunk
+        while True:
+            end = buffer.find(b"\n")
+            if end < 0:
+                break
+            line, buffer = buffer[:end].strip(), buffer[end + 1:]
+            if line:
+                yield line
+    if buffer.strip():
+        yield buffer.strip()

@@ -1,0 +1,138 @@
+"""Upstream HTTP: the shared client, and upstream failures turned into ProxyError.
+
+Every provider that speaks HTTP maps failures through here, so a 429 from Ollama and
+a 429 from OpenAI reach the client the same way, and a provider key that an upstream
+echoes in a message never reaches the client.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Mapping
+from typing import Any
+
+import httpx
+import orjson
+
+from aiproxy.config import DEFAULT_TIMEOUTS, Timeouts
+from aiproxy.errors import ProxyError
+
+_PASSED_ON = {400, 404, 409, 413, 415, 422}
+_RATE_HEADERS = ("retry-after", "retry-after-ms")
+
+
+def build_client(transport: httpx.AsyncBaseTransport | None = None) -> httpx.AsyncClient:
+    """The one pooled client for all upstream traffic."""
+    return httpx.AsyncClient(
+        transport=transport,
+        timeout=to_httpx(DEFAULT_TIMEOUTS),
+        limits=httpx.Limits(max_connections=1000, max_keepalive_connections=200, keepalive_expiry=60),
+        follow_redirects=False,
+        trust_env=False,  # never route provider traffic through an ambient proxy setting
+    )
+
+
+def to_httpx(t: Timeouts) -> httpx.Timeout:
+    d = DEFAULT_TIMEOUTS
+    return httpx.Timeout(
+        connect=t.connect if t.connect is not None else d.connect,
+        read=t.read if t.read is not None else d.read,
+        write=t.write if t.write is not None else d.write,
+        pool=t.pool if t.pool is not None else d.pool,
+    )
+
+
+def scrub(text: str, secrets: Iterable[str | None]) -> str:
+    for secret in secrets:
+        if secret and len(secret) >= 4 and secret in text:
+            text = text.replace(secret, "[redacted]")
+    return text
+
+
+def error_message(body: bytes) -> tuple[str | None, dict[str, Any]]:
+    """The message in an upstream error body, and its error object when it has one."""
+    try:
+        data = orjson.loads(body)
+    except orjson.JSONDecodeError:
+        text = body.decode("utf-8", "replace").strip()
+        return (text[:500] or None), {}
+    if isinstance(data, dict):
+        err = data.get("error", data)
+        if isinstance(err, str):
+            return err, {}
+        if isinstance(err, dict):
+            message = err.get("message") or data.get("message")
+            return (str(message) if message else None), err
+    return None, {}
+
+
+def upstream_error(provider: str, status: int, body: bytes, headers: Mapping[str, str],
+                   secrets: Iterable[str | None] = ()) -> ProxyError:
+    """Map an upstream error response to what the client should see."""
+    message, err = error_message(body)
+    message = scrub(message, secrets) if message else None
+    code = err.get("code") if isinstance(err.get("code"), str) else None
+    etype = err.get("type") if isinstance(err.get("type"), str) else None
+    if status == 429:
+        passed = {k: headers[k] for k in _RATE_HEADERS if k in headers}
+        return ProxyError(429, message or f"provider {provider!r} is rate limiting requests",
+                          type="rate_limit_error", code=code or "rate_limit_exceeded", headers=passed)
+    if status in (401, 403):
+        return ProxyError(502, f"provider {provider!r} rejected the gateway's credentials "
+                          f"(upstream status {status}); check its api_key",
+                          type="upstream_error", code="upstream_auth_failed")
+    if status in _PASSED_ON:
+        return ProxyError(status, message or f"provider {provider!r} rejected the request "
+                          f"(upstream status {status})",
+                          type=etype or "invalid_request_error", param=_param(err), code=code)
+    if status in (503, 529):
+        return ProxyError(503, f"provider {provider!r} is overloaded or unavailable "
+                          f"(upstream status {status})" + (f": {message}" if message else ""),
+                          type="service_unavailable", code="upstream_unavailable",
+                          headers={k: headers[k] for k in _RATE_HEADERS if k in headers})
+    if status in (408, 504):
+        return ProxyError(504, f"provider {provider!r} timed out (upstream status {status})",
+                          type="timeout_error", code="upstream_timeout")
+    if 400 <= status < 500:
+        return ProxyError(status, message or f"provider {provider!r} answered {status}",
+                          type=etype or "invalid_request_error", code=code)
+    return ProxyError(502, f"provider {provider!r} failed (upstream status {status})"
+                      + (f": {message}" if message else ""),
+                      type="upstream_error", code="upstream_error")
+
+
+def _param(err: dict[str, Any]) -> str | None:
+    param = err.get("param")
+    return param if isinstance(param, str) else None
+
+
+def transport_error(provider: str, exc: httpx.HTTPError) -> ProxyError:
+    """Map a connection-level failure (no HTTP answer) to 502/503/504."""
+    if isinstance(exc, httpx.PoolTimeout):
+        return ProxyError(503, f"gateway connection pool to provider {provider!r} is exhausted",
+                          type="service_unavailable", code="pool_timeout")
+    if isinstance(exc, httpx.ConnectTimeout):
+        return ProxyError(504, f"timed out connecting to provider {provider!r}",
+                          type="timeout_error", code="upstream_connect_timeout")
+    if isinstance(exc, httpx.TimeoutException):
+        return ProxyError(504, f"provider {provider!r} timed out", type="timeout_error",
+                          code="upstream_timeout")
+    if isinstance(exc, httpx.ConnectError):
+        return ProxyError(502, f"could not connect to provider {provider!r}", type="upstream_error",
+                          code="upstream_connect_error")
+    return ProxyError(502, f"connection to provider {provider!r} failed: {type(exc).__name__}",
+                      type="upstream_error", code="upstream_connection_error")
+
+
+def invalid_response(provider: str, detail: str = "invalid JSON") -> ProxyError:
+    return ProxyError(502, f"provider {provider!r} sent a malformed response ({detail})",
+                      type="upstream_error", code="upstream_bad_response")
+
+
+def parse_json(provider: str, body: bytes) -> dict[str, Any]:
+    try:
+        data = orjson.loads(body)
+    except orjson.JSONDecodeError:
+        raise invalid_response(provider) from None
+    if not isinstance(data, dict):
+        raise invalid_response(provider, "expected a JSON object")
+    return data
