@@ -5,6 +5,7 @@ from __future__ import annotations
 import logging
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
+
 import httpx
 import pluggy
 from starlette.applications import Starlette

@@ -153,7 +153,8 @@ class Gateway:
         return StreamingResponse(self._relay(call, first, events), headers=headers,
                                  media_type="text/event-stream")
 
-    async def _relay(self, call: Call, first: bytes | None, events: AsyncIterator[bytes]) -> AsyncIterator[bytes]:
+    async def _relay(self, call: Call, first: bytes | None,
+                     events: AsyncIterator[bytes]) -> AsyncIterator[bytes]:
         try:
             if first is not None:
                 call.first_byte = time.perf_counter()

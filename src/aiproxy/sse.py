@@ -28,14 +28,16 @@ async def data_events(chunks: AsyncIterable[bytes]) -> AsyncIterator[bytes]:
     Handles ``\\n``, ``\\r\\n`` and ``\\r`` line ends and events split across chunks.
     """
     buffer = b""
+    after_cr = False  # the last chunk ended in \r: a \n opening this one ends the same line
     async for chunk in chunks:
+        if after_cr and chunk.startswith(b"\n"):
+            chunk, after_cr = chunk[1:], False
         if not chunk:
             continue
+        after_cr = chunk.endswith(b"\r")
+        if b"\r" in chunk:
+            chunk = chunk.replace(b"\r\n", b"\n").replace(b"\r", b"\n")
         buffer = buffer + chunk if buffer else chunk
-        if b"\r" in buffer:
-            if buffer.endswith(b"\r"):  # a \r\n may be split across chunks: wait for more
-                continue
-            buffer = buffer.replace(b"\r\n", b"\n").replace(b"\r", b"\n")
         while True:
             end = buffer.find(b"\n\n")
             if end < 0:
@@ -45,7 +47,7 @@ async def data_events(chunks: AsyncIterable[bytes]) -> AsyncIterator[bytes]:
             if data is not None:
                 yield data
     if buffer.strip():
-        data = _data_of(buffer.replace(b"\r\n", b"\n").replace(b"\r", b"\n").strip(b"\n"))
+        data = _data_of(buffer.strip(b"\n"))
         if data is not None:
             yield data
 

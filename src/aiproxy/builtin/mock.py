@@ -207,7 +207,8 @@ class MockProvider(Provider):
                 await asyncio.sleep(delay)
             yield sse.event(wire.text_chunk(id=cid, model=model, created=created,
                                             text=word if i == 0 else " " + word))
-        yield sse.event(wire.text_chunk(id=cid, model=model, created=created, text="", finish_reason="stop"))
+        yield sse.event(wire.text_chunk(id=cid, model=model, created=created, text="",
+                                        finish_reason="stop"))
         usage = _usage(len(prompt.split()), len(words))
         call.usage = Usage.from_openai(usage)
         if (call.body.get("stream_options") or {}).get("include_usage"):
@@ -220,7 +221,8 @@ class MockProvider(Provider):
         inputs = [raw] if isinstance(raw, str) or (raw and isinstance(raw[0], int)) else raw
         dims = int(call.body.get("dimensions") or opts["dimensions"])
         if dims > 8192:
-            raise invalid(f"'dimensions' must be at most 8192 for the mock provider, got {dims}", "dimensions")
+            raise invalid(f"'dimensions' must be at most 8192 for the mock provider, got {dims}",
+                          "dimensions")
         vectors = [_vector(orjson.dumps(item), dims) for item in inputs]
         tokens = sum(len(item.split()) if isinstance(item, str) else len(item) for item in inputs)
         return Reply(wire.embedding_list(model=call.upstream_model, vectors=vectors,
@@ -279,6 +281,8 @@ def _example(spec: dict[str, Any]) -> Any:
     kind = spec.get("type")
     if isinstance(kind, list):
         kind = next((k for k in kind if k != "null"), "string")
+    if not isinstance(kind, str):
+        return "mock"
     return {"string": "mock", "integer": 1, "number": 1.5, "boolean": True, "array": [],
             "object": _arguments(spec), "null": None}.get(kind, "mock")
 

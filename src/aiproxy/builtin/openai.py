@@ -38,8 +38,6 @@ class OpenAIProvider(Provider):
         super().__init__(config, http)
         self.base = (config.api_base or DEFAULT_BASE).rstrip("/")
         opts = config.options
-        if opts.get("require_api_key") is False:
-            self.required = ()
         headers = {"content-type": "application/json", **config.headers}
         if config.api_key:
             auth = str(opts.get("auth_header", "authorization")).lower()
@@ -47,6 +45,11 @@ class OpenAIProvider(Provider):
         self.headers = headers
         query = opts.get("query")
         self.params = {str(k): str(v) for k, v in query.items()} if isinstance(query, dict) else None
+
+    def missing(self) -> list[str]:
+        if self.config.options.get("require_api_key") is False:  # vLLM, LM Studio, …
+            return []
+        return super().missing()
 
     # ------------------------------------------------------------ plumbing
     def _request(self, call: Call, deployment: Deployment, path: str) -> httpx.Request:
