@@ -74,6 +74,10 @@ def _serve(args: argparse.Namespace) -> int:
     workers = args.workers or server.workers
     level = (args.log_level or server.log_level).lower()
     logging.basicConfig(level=level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    # httpx logs every request at INFO: a log line per call on the hot path, and URLs
+    # some upstreams put credentials in. Its warnings still show.
+    logging.getLogger("httpx").setLevel(max(logging.WARNING, logging.getLogger().level))
+    logging.getLogger("httpcore").setLevel(max(logging.WARNING, logging.getLogger().level))
     if not server.master_key and not is_loopback(host):
         print(f"aiproxy: refusing to listen on {host}: no server.master_key is set, so anyone who "
               "can reach it could spend your provider keys. Set AIPROXY_MASTER_KEY (or "
