@@ -13,6 +13,7 @@ from aiproxy import __version__
 from aiproxy.config import Config, ConfigError, is_loopback, load_config
 
 CONFIG_ENV = "AIPROXY_CONFIG"
+LOG_LEVEL_ENV = "AIPROXY_LOG_LEVEL"
 
 
 def _config_path(arg: str | None) -> Path:
@@ -73,11 +74,7 @@ def _serve(args: argparse.Namespace) -> int:
     port = args.port if args.port is not None else server.port
     workers = args.workers or server.workers
     level = (args.log_level or server.log_level).lower()
-    logging.basicConfig(level=level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    # httpx logs every request at INFO: a log line per call on the hot path, and URLs
-    # some upstreams put credentials in. Its warnings still show.
-    logging.getLogger("httpx").setLevel(max(logging.WARNING, logging.getLogger().level))
-    logging.getLogger("httpcore").setLevel(max(logging.WARNING, logging.getLogger().level))
+    _setup_logging(level)
     if not server.master_key and not is_loopback(host):
         print(f"aiproxy: refusing to listen on {host}: no server.master_key is set, so anyone who "
               "can reach it could spend your provider keys. Set AIPROXY_MASTER_KEY (or "
@@ -88,6 +85,7 @@ def _serve(args: argparse.Namespace) -> int:
                   server_header=False)
     if workers > 1:
         os.environ[CONFIG_ENV] = str(_config_path(args.config).resolve())
+        os.environ[LOG_LEVEL_ENV] = level
         create_app(config)  # fail here, once, on a bad plugin, not in every worker
         uvicorn.run("aiproxy.cli:worker_app", factory=True, workers=workers, **common)  # type: ignore[arg-type]
     else:
@@ -99,7 +97,17 @@ def worker_app() -> object:
     """The app of one worker process when ``--workers`` > 1."""
     from aiproxy.app import create_app
 
+    _setup_logging(os.environ.get(LOG_LEVEL_ENV, "info"))
     return create_app(_load(None))
+
+
+def _setup_logging(level: str) -> None:
+    logging.basicConfig(level=level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    # httpx logs every request at INFO: a log line per call on the hot path, and URLs
+    # some upstreams put credentials in. Its warnings still show.
+    quiet = max(logging.WARNING, logging.getLogger().level)
+    logging.getLogger("httpx").setLevel(quiet)
+    logging.getLogger("httpcore").setLevel(quiet)
 
 
 def _check(args: argparse.Namespace) -> int:
