@@ -53,14 +53,17 @@ async def data_events(chunks: AsyncIterable[bytes]) -> AsyncIterator[bytes]:
 
 
 def _data_of(block: bytes) -> bytes | None:
+    """The data of one event; None when it has none, or only blanks (a keep-alive)."""
     if block.startswith(b"data: ") and b"\n" not in block:  # the usual case: one data line
-        return block[6:]
-    parts = []
-    for line in block.split(b"\n"):
-        if line.startswith(b"data:"):
-            value = line[5:]
-            parts.append(value[1:] if value.startswith(b" ") else value)
-    return b"\n".join(parts) if parts else None
+        data = block[6:]
+    else:
+        parts = []
+        for line in block.split(b"\n"):
+            if line.startswith(b"data:"):
+                value = line[5:]
+                parts.append(value[1:] if value.startswith(b" ") else value)
+        data = b"\n".join(parts)
+    return data if data.strip() else None
 
 
 async def ndjson_lines(chunks: AsyncIterable[bytes]) -> AsyncIterator[bytes]:

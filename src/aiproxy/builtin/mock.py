@@ -55,6 +55,14 @@ VOCABULARY = (
 ).split()
 _DEFAULTS: dict[str, Any] = {"latency_ms": 0, "chunk_delay_ms": 0, "tokens": 12, "chunk_size": 1,
                              "dimensions": 64}
+#: numeric options: type and bounds. A client may send any of them, so a bad one is a
+#: 400 naming it, not a 500, and none can make the gateway build a gigantic answer.
+_NUMBERS: dict[str, tuple[type, float, float]] = {
+    "latency_ms": (float, 0, 600_000), "chunk_delay_ms": (float, 0, 60_000),
+    "tokens": (int, 0, 100_000), "chunk_size": (int, 1, 100_000), "dimensions": (int, 1, 8192),
+    "error": (int, 0, 599), "error_rate": (float, 0, 1), "retry_after": (int, 0, 86_400),
+    "error_after": (int, 0, 100_000),
+}
 
 
 class MockProvider(Provider):
@@ -68,6 +76,20 @@ class MockProvider(Provider):
         extra = call.body.get("mock")
         if isinstance(extra, dict):
             opts.update(extra)
+        for key, (kind, low, high) in _NUMBERS.items():
+            value = opts.get(key)
+            if value is None:
+                continue
+            try:
+                if isinstance(value, bool) or not isinstance(value, int | float | str):
+                    raise ValueError
+                number = kind(value)
+            except (ValueError, OverflowError):
+                raise invalid(f"'mock.{key}' must be a number, got {value!r}", f"mock.{key}") from None
+            if not low <= number <= high:
+                raise invalid(f"'mock.{key}' must be between {low:g} and {high:g}, got {value!r}",
+                              f"mock.{key}")
+            opts[key] = number
         return opts
 
     async def _begin(self, opts: dict[str, Any]) -> None:
@@ -245,7 +267,7 @@ def _chat_text(body: dict[str, Any]) -> str:
         if isinstance(content, str):
             parts.append(content)
         elif isinstance(content, list):
-            parts.extend(p.get("text", "") for p in content if isinstance(p, dict))
+            parts.extend(p["text"] for p in content if isinstance(p, dict) and isinstance(p.get("text"), str))
     return " ".join(parts)
 
 

@@ -85,9 +85,11 @@ class OpenAIProvider(Provider):
     async def _events(self, call: Call, deployment: Deployment, path: str) -> AsyncIterator[bytes]:
         response = await self._send(self._request(call, deployment, path), stream=True)
         try:
-            async for data in sse.data_events(response.aiter_raw()):
-                if data == b"[DONE]":
-                    break
+            done = False  # after [DONE], read on to the end so the connection is reused
+            async for data in sse.data_events(response.aiter_bytes()):
+                if done or data == b"[DONE]":
+                    done = True
+                    continue
                 if b'"usage":{' in data or b'"usage": {' in data:
                     try:
                         call.usage = Usage.from_openai(orjson.loads(data).get("usage")) or call.usage
