@@ -683,3 +683,21 @@ async def test_authenticate_raising_401_rejects(gateway):
         r = await http.get("/v1/models")
         assert r.status_code == 401
         assert not upstream.calls
+
+
+async def test_authentication_comes_before_reading_the_body(gateway):
+    """A caller without a key learns nothing about the API, not even what a bad body is."""
+    async with gateway(make_config(server={"master_key": MASTER})) as (http, _):
+        r = await http.post("/v1/chat/completions", content=b"{not json")
+        assert r.status_code == 401
+        r = await http.post("/v1/chat/completions", json={"model": "no-such-model", "messages": []})
+        assert r.status_code == 401
+        r = await http.post("/v1/chat/completions", content=b"{not json",
+                            headers={"authorization": f"Bearer {MASTER}"})
+        assert r.status_code == 400
+
+
+async def test_route_errors_carry_a_request_id(client):
+    http, _ = client
+    r = await http.get("/v2/nothing", headers={"x-request-id": "trace-7"})
+    assert r.status_code == 404 and r.headers["x-request-id"] == "trace-7"

@@ -352,3 +352,62 @@ async def test_compressed_stream_is_decoded(client):
     r = await http.post("/v1/chat/completions", json={**CHAT, "stream": True})
     assert r.status_code == 200
     assert sse_payloads(r.text) == [e.decode() for e in events] + ["[DONE]"]
+
+
+# ---------------------------------------------------------------- odd upstream streams
+
+async def test_whole_json_answer_to_a_stream_request_is_replayed_as_a_stream(client):
+    http, upstream = client
+    upstream.post(CHAT_URL).respond(200, json=completion("whole answer"))
+    r = await http.post("/v1/chat/completions",
+                        json={**CHAT, "stream": True, "stream_options": {"include_usage": True}})
+    assert r.status_code == 200
+    payloads = sse_payloads(r.text)
+    assert payloads[-1] == "[DONE]"
+    chunks = [orjson.loads(p) for p in payloads[:-1]]
+    assert "".join(c["choices"][0]["delta"].get("content") or "" for c in chunks if c["choices"]) \
+        == "whole answer"
+    assert chunks[-1]["choices"] == [] and chunks[-1]["usage"]["total_tokens"] == 5
+
+
+async def test_upstream_error_event_mid_stream_ends_the_stream_scrubbed(client):
+    http, upstream = client
+    upstream.post(CHAT_URL).mock(return_value=sse_response(
+        b"data: " + chunk("Hel") + b"\n\n",
+        b'data: {"error": {"message": "overloaded for key ' + KEY.encode() + b'"}}\n\n',
+        b"data: " + chunk("never") + b"\n\n", b"data: [DONE]\n\n"))
+    r = await http.post("/v1/chat/completions", json={**CHAT, "stream": True})
+    assert r.status_code == 200
+    payloads = sse_payloads(r.text)
+    assert len(payloads) == 2 and "[DONE]" not in payloads  # stops at the error: nothing after
+    error = orjson.loads(payloads[1])["error"]
+    assert error["code"] == "upstream_error" and "overloaded" in error["message"]
+    assert KEY not in r.text
+
+
+async def test_upstream_stream_with_no_event_is_502(client):
+    http, upstream = client
+    upstream.post(CHAT_URL).mock(return_value=sse_response(b": just a comment\n\n"))
+    r = await http.post("/v1/chat/completions", json={**CHAT, "stream": True})
+    assert r.status_code == 502
+    assert r.json()["error"]["code"] == "upstream_bad_response"
+
+
+class UpperCaseAuth:
+    @hookimpl
+    def aiproxy_before_call(self, call: Call) -> None:
+        call.upstream_headers["Authorization"] = "Bearer tenant-own-key"
+
+
+async def test_header_overrides_ignore_case_and_send_one_header(gateway):
+    cfg = make_config(
+        providers={"openai": {"plugin": "openai", "api_base": OPENAI_BASE, "api_key": KEY,
+                              "headers": {"X-Route": "eu"}}},
+        models=[{"name": "gpt-test", "provider": "openai", "model": "gpt-4o-mini"}])
+    async with gateway(cfg, plugin_manager=plugins(cfg, byok=UpperCaseAuth())) as (http, upstream):
+        route = upstream.post(CHAT_URL).respond(200, json=completion())
+        r = await http.post("/v1/chat/completions", json=CHAT)
+    assert r.status_code == 200
+    sent = route.calls.last.request.headers
+    assert sent.get_list("authorization") == ["Bearer tenant-own-key"]
+    assert sent.get_list("x-route") == ["eu"]

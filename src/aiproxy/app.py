@@ -16,7 +16,7 @@ from starlette.routing import BaseRoute
 
 from aiproxy.config import Config
 from aiproxy.errors import ProxyError
-from aiproxy.gateway import Gateway, error_response, internal_error
+from aiproxy.gateway import Gateway, error_response, internal_error, request_id
 from aiproxy.hooks import Hooks
 from aiproxy.plugins import build_plugin_manager, check_provider_kinds, provider_kinds
 from aiproxy.provider import Provider
@@ -108,9 +108,9 @@ async def _http_exception(request: Request, exc: Exception) -> Response:
                            headers=exc.headers or None)
     else:
         error = ProxyError(exc.status_code, str(exc.detail))
-    return error_response(error)
+    return error_response(error, request_id(request))
 
 
 async def _unhandled(request: Request, exc: Exception) -> Response:
     log.error("unhandled error on %s %s", request.method, request.url.path, exc_info=exc)
-    return error_response(internal_error())
+    return error_response(internal_error(), request_id(request))

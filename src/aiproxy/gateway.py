@@ -9,7 +9,7 @@ from __future__ import annotations
 import logging
 import os
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import TYPE_CHECKING, Any
 
 import anyio
@@ -62,13 +62,20 @@ class Gateway:
         self.router = router
         self.auth_required = config.server.master_key is not None
 
-    def new_call(self, request: Request, operation: str, body: dict[str, Any], model: str) -> Call:
-        return Call(request_id=request_id(request), operation=operation, body=body, model=model,
-                    stream=body.get("stream") is True, headers=request.headers)
+    def new_call(self, request: Request, operation: str) -> Call:
+        return Call(request_id=request_id(request), operation=operation, body={}, model="",
+                    stream=False, headers=request.headers)
 
-    async def handle(self, call: Call) -> Response:
-        """Run every stage for ``call``; always returns a response, never raises."""
+    async def handle(self, call: Call, read: Callable[[], Awaitable[tuple[dict[str, Any], str]]]) -> Response:
+        """Run every stage for ``call``; always returns a response, never raises.
+
+        ``read`` parses and validates the body into (body, model); it runs after
+        authentication, so a caller without a valid key learns nothing about the API.
+        """
         try:
+            await self.authenticate(call)
+            call.body, call.model = await read()
+            call.stream = call.body.get("stream") is True
             await self.admit(call)
             if call.stream:
                 return await self._stream(call)
@@ -92,8 +99,8 @@ class Gateway:
         return principal
 
     async def admit(self, call: Call) -> None:
-        """Authenticate, route, check model access, run the before-call stages."""
-        principal = await self.authenticate(call)
+        """Route, check model access, run the before-call stages (after authenticate)."""
+        principal = call.principal or ANONYMOUS
         deployment = self.router.pick(call.model)
         allowed = principal.allowed_models
         if allowed is not None and call.model not in allowed:

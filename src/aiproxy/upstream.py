@@ -8,13 +8,18 @@ echoes in a message never reaches the client.
 from __future__ import annotations
 
 from collections.abc import Iterable, Mapping
-from typing import Any
+from typing import TYPE_CHECKING, Any, ClassVar
 
 import httpx
 import orjson
 
-from aiproxy.config import DEFAULT_TIMEOUTS, Timeouts
+from aiproxy.config import DEFAULT_TIMEOUTS, ProviderConfig, Timeouts
 from aiproxy.errors import ProxyError
+from aiproxy.provider import Provider
+
+if TYPE_CHECKING:
+    from aiproxy.call import Call
+    from aiproxy.router import Deployment
 
 _PASSED_ON = {400, 404, 409, 413, 415, 422}
 _RATE_HEADERS = ("retry-after", "retry-after-ms")
@@ -136,3 +141,65 @@ def parse_json(provider: str, body: bytes) -> dict[str, Any]:
     if not isinstance(data, dict):
         raise invalid_response(provider, "expected a JSON object")
     return data
+
+
+class HTTPProvider(Provider):
+    """A provider whose upstream speaks HTTP: base URL, headers, sending, error mapping.
+
+    Header names are lower-cased, so config ``headers:`` override the provider's own
+    (auth included) and a stage's ``call.upstream_headers`` override both, whatever
+    case each was written in.
+    """
+
+    default_base: ClassVar[str] = ""
+
+    def __init__(self, config: ProviderConfig, http: httpx.AsyncClient) -> None:
+        super().__init__(config, http)
+        self.base = (config.api_base or self.default_base).rstrip("/")
+        self.headers = {"content-type": "application/json", **self.auth_headers(),
+                        **{k.lower(): v for k, v in config.headers.items()}}
+        self.params: dict[str, str] | None = None
+
+    def auth_headers(self) -> dict[str, str]:
+        """Headers that carry ``config.api_key``; none by default."""
+        return {}
+
+    def secrets(self) -> tuple[str | None, ...]:
+        """Values never to pass on to a client, even when an upstream echoes them."""
+        return (self.config.api_key,)
+
+    def build(self, call: Call, deployment: Deployment, path: str, body: Any) -> httpx.Request:
+        """A POST of ``body`` (a dict, or JSON bytes) to ``path`` under the base URL."""
+        headers = self.headers
+        if call.upstream_headers:
+            headers = {**headers, **{k.lower(): v for k, v in call.upstream_headers.items()}}
+        content = body if isinstance(body, bytes) else orjson.dumps(body)
+        return self.http.build_request("POST", self.base + path, content=content, headers=headers,
+                                       params=self.params, timeout=deployment.timeout)
+
+    def build_get(self, path: str, timeout: float = 10.0) -> httpx.Request:
+        return self.http.build_request("GET", self.base + path, headers=self.headers,
+                                       params=self.params, timeout=timeout)
+
+    async def send(self, request: httpx.Request, *, stream: bool = False) -> httpx.Response:
+        """Send; an error status or a failed connection becomes the matching ProxyError."""
+        try:
+            response = await self.http.send(request, stream=stream)
+        except httpx.HTTPError as exc:
+            raise transport_error(self.name, exc) from None
+        if response.status_code >= 400:
+            try:
+                body = await response.aread()
+            except httpx.HTTPError:
+                body = b""
+            finally:
+                await response.aclose()
+            raise upstream_error(self.name, response.status_code, body, response.headers, self.secrets())
+        return response
+
+    async def post_json(self, call: Call, deployment: Deployment, path: str,
+                        body: Any) -> tuple[dict[str, Any], bytes]:
+        """POST and parse a whole JSON answer: (object, the exact bytes)."""
+        response = await self.send(self.build(call, deployment, path, body))
+        raw = response.content
+        return parse_json(self.name, raw), raw

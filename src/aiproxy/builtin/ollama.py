@@ -32,10 +32,9 @@ import orjson
 
 from aiproxy import hookimpl, sse, wire
 from aiproxy.call import Usage
-from aiproxy.config import ProviderConfig
 from aiproxy.errors import ProxyError, invalid
-from aiproxy.provider import Provider, Reply
-from aiproxy.upstream import invalid_response, parse_json, scrub, transport_error, upstream_error
+from aiproxy.provider import Reply
+from aiproxy.upstream import HTTPProvider, invalid_response, parse_json, scrub, transport_error
 
 if TYPE_CHECKING:
     from aiproxy.call import Call
@@ -47,51 +46,25 @@ _ROLES = {"developer": "system", "function": "tool"}
 Chunks = Callable[[dict[str, Any]], list[dict[str, Any]]]
 
 
-class OllamaProvider(Provider):
+class OllamaProvider(HTTPProvider):
     required = ("api_base",)
 
-    def __init__(self, config: ProviderConfig, http: httpx.AsyncClient) -> None:
-        super().__init__(config, http)
-        self.base = (config.api_base or "").rstrip("/")
-        headers = {"content-type": "application/json", **config.headers}
-        if config.api_key:  # a plain Ollama takes none; one behind an auth proxy may
-            headers["authorization"] = f"Bearer {config.api_key}"
-        self.headers = headers
+    def auth_headers(self) -> dict[str, str]:
+        key = self.config.api_key  # a plain Ollama takes none; one behind an auth proxy may
+        return {"authorization": f"Bearer {key}"} if key else {}
 
     # ------------------------------------------------------------ plumbing
-    async def _send(self, request: httpx.Request, stream: bool = False) -> httpx.Response:
-        try:
-            response = await self.http.send(request, stream=stream)
-        except httpx.HTTPError as exc:
-            raise transport_error(self.name, exc) from None
-        if response.status_code >= 400:
-            try:
-                body = await response.aread()
-            except httpx.HTTPError:
-                body = b""
-            finally:
-                await response.aclose()
-            raise upstream_error(self.name, response.status_code, body, response.headers,
-                                 (self.config.api_key,))
-        return response
-
-    def _request(self, call: Call, deployment: Deployment, path: str,
-                 body: dict[str, Any]) -> httpx.Request:
-        headers = {**self.headers, **call.upstream_headers} if call.upstream_headers else self.headers
-        return self.http.build_request("POST", self.base + path, content=orjson.dumps(body),
-                                       headers=headers, timeout=deployment.timeout)
-
     async def _post(self, call: Call, deployment: Deployment, path: str,
                     body: dict[str, Any]) -> dict[str, Any]:
-        return parse_json(self.name, (await self._send(self._request(call, deployment, path, body))).content)
+        return (await self.post_json(call, deployment, path, body))[0]
 
     async def _stream(self, call: Call, deployment: Deployment, path: str, body: dict[str, Any],
                       chunks: Chunks) -> AsyncIterator[bytes]:
         """POST ``body``; relay each NDJSON line as ``chunks`` translates it, when it arrives."""
-        response = await self._send(self._request(call, deployment, path, body), stream=True)
+        response = await self.send(self.build(call, deployment, path, body), stream=True)
         done = False
         try:
-            async for line in sse.ndjson_lines(response.aiter_raw()):
+            async for line in sse.ndjson_lines(response.aiter_bytes()):
                 data = self._record(line)
                 if data.get("done"):
                     done = True
@@ -191,9 +164,7 @@ class OllamaProvider(Provider):
                                          prompt_tokens=_int(data.get("prompt_eval_count"))))
 
     async def list_models(self) -> list[str]:
-        request = self.http.build_request("GET", self.base + "/api/tags", headers=self.headers,
-                                          timeout=10.0)
-        models = parse_json(self.name, (await self._send(request)).content).get("models")
+        models = parse_json(self.name, (await self.send(self.build_get("/api/tags"))).content).get("models")
         if not isinstance(models, list):
             return []
         return [m["name"] for m in models if isinstance(m, dict) and isinstance(m.get("name"), str)]

@@ -18,88 +18,92 @@ from typing import TYPE_CHECKING, Any
 import httpx
 import orjson
 
-from aiproxy import hookimpl, sse
+from aiproxy import hookimpl, sse, wire
 from aiproxy.call import Usage
 from aiproxy.config import ProviderConfig
-from aiproxy.provider import Provider, Reply
-from aiproxy.upstream import parse_json, transport_error, upstream_error
+from aiproxy.errors import ProxyError
+from aiproxy.provider import Reply
+from aiproxy.upstream import HTTPProvider, error_message, invalid_response, parse_json, scrub, transport_error
 
 if TYPE_CHECKING:
     from aiproxy.call import Call
     from aiproxy.router import Deployment
 
-DEFAULT_BASE = "https://api.openai.com/v1"
 
-
-class OpenAIProvider(Provider):
+class OpenAIProvider(HTTPProvider):
     required = ("api_key",)
+    default_base = "https://api.openai.com/v1"
 
     def __init__(self, config: ProviderConfig, http: httpx.AsyncClient) -> None:
         super().__init__(config, http)
-        self.base = (config.api_base or DEFAULT_BASE).rstrip("/")
-        opts = config.options
-        headers = {"content-type": "application/json", **config.headers}
-        if config.api_key:
-            auth = str(opts.get("auth_header", "authorization")).lower()
-            headers[auth] = f"Bearer {config.api_key}" if auth == "authorization" else config.api_key
-        self.headers = headers
-        query = opts.get("query")
+        query = config.options.get("query")
         self.params = {str(k): str(v) for k, v in query.items()} if isinstance(query, dict) else None
+
+    def auth_headers(self) -> dict[str, str]:
+        key = self.config.api_key
+        if not key:
+            return {}
+        auth = str(self.config.options.get("auth_header", "authorization")).lower()
+        return {auth: f"Bearer {key}" if auth == "authorization" else key}
 
     def missing(self) -> list[str]:
         if self.config.options.get("require_api_key") is False:  # vLLM, LM Studio, …
             return []
         return super().missing()
 
-    # ------------------------------------------------------------ plumbing
-    def _request(self, call: Call, deployment: Deployment, path: str) -> httpx.Request:
+    def _body(self, call: Call) -> Any:
         body = call.body
         if body.get("model") != call.upstream_model:
             body = {**body, "model": call.upstream_model}
-        headers = {**self.headers, **call.upstream_headers} if call.upstream_headers else self.headers
-        return self.http.build_request(
-            "POST", self.base + path, content=orjson.dumps(body), headers=headers,
-            params=self.params, timeout=deployment.timeout)
-
-    async def _send(self, request: httpx.Request, stream: bool = False) -> httpx.Response:
-        try:
-            response = await self.http.send(request, stream=stream)
-        except httpx.HTTPError as exc:
-            raise transport_error(self.name, exc) from None
-        if response.status_code >= 400:
-            try:
-                body = await response.aread()
-            except httpx.HTTPError:
-                body = b""
-            finally:
-                await response.aclose()
-            raise upstream_error(self.name, response.status_code, body, response.headers,
-                                 (self.config.api_key,))
-        return response
+        return body
 
     async def _whole(self, call: Call, deployment: Deployment, path: str) -> Reply:
-        response = await self._send(self._request(call, deployment, path))
-        raw = response.content
-        return Reply(parse_json(self.name, raw), raw=raw)
+        data, raw = await self.post_json(call, deployment, path, self._body(call))
+        return Reply(data, raw=raw)
 
     async def _events(self, call: Call, deployment: Deployment, path: str) -> AsyncIterator[bytes]:
-        response = await self._send(self._request(call, deployment, path), stream=True)
+        response = await self.send(self.build(call, deployment, path, self._body(call)), stream=True)
         try:
-            done = False  # after [DONE], read on to the end so the connection is reused
+            if response.headers.get("content-type", "").startswith("application/json"):
+                # Some servers ignore stream=true and answer whole: replay it as a stream.
+                async for event in self._replayed(call, await response.aread()):
+                    yield event
+                return
+            done = events = 0  # after [DONE], read on to the end so the connection is reused
             async for data in sse.data_events(response.aiter_bytes()):
                 if done or data == b"[DONE]":
-                    done = True
+                    done = 1
                     continue
+                if data.startswith(b'{"error"'):
+                    raise self._stream_error(data)
                 if b'"usage":{' in data or b'"usage": {' in data:
                     try:
                         call.usage = Usage.from_openai(orjson.loads(data).get("usage")) or call.usage
                     except (orjson.JSONDecodeError, AttributeError):
                         pass
+                events += 1
                 yield b"data: " + data + b"\n\n"
+            if not events:
+                raise invalid_response(self.name, "the stream ended without any event")
         except httpx.HTTPError as exc:
             raise transport_error(self.name, exc) from None
         finally:
             await response.aclose()
+
+    async def _replayed(self, call: Call, raw: bytes) -> AsyncIterator[bytes]:
+        data = parse_json(self.name, raw)
+        if "error" in data:
+            raise self._stream_error(raw)
+        call.usage = Usage.from_openai(data.get("usage"))
+        include_usage = bool((call.body.get("stream_options") or {}).get("include_usage"))
+        for chunk in wire.replay_chunks(data, include_usage):
+            yield sse.event(chunk)
+
+    def _stream_error(self, data: bytes) -> ProxyError:
+        message, _ = error_message(data)
+        return ProxyError(502, f"provider {self.name!r} failed mid-stream: "
+                          f"{scrub(message or 'no message', self.secrets())}",
+                          type="upstream_error", code="upstream_error")
 
     # ------------------------------------------------------------ operations
     async def chat(self, call: Call, deployment: Deployment) -> Reply:
@@ -118,9 +122,7 @@ class OpenAIProvider(Provider):
         return await self._whole(call, deployment, "/embeddings")
 
     async def list_models(self) -> list[str]:
-        request = self.http.build_request("GET", self.base + "/models", headers=self.headers,
-                                          params=self.params, timeout=10.0)
-        response = await self._send(request)
+        response = await self.send(self.build_get("/models"))
         data: Any = parse_json(self.name, response.content).get("data")
         return [m["id"] for m in data if isinstance(m, dict) and isinstance(m.get("id"), str)] \
             if isinstance(data, list) else []

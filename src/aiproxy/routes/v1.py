@@ -21,12 +21,12 @@ Validator = Callable[[dict[str, Any]], str]
 def _operation(name: str, check: Validator) -> Callable[[Request], Awaitable[Response]]:
     async def endpoint(request: Request) -> Response:
         gateway: Gateway = request.app.state.gateway
-        try:
+
+        async def read() -> tuple[dict[str, Any], str]:
             body = await read_json(request, gateway.config.server.max_body_bytes)
-            model = check(body)
-        except ProxyError as exc:
-            return error_response(exc, request_id(request))
-        return await gateway.handle(gateway.new_call(request, name, body, model))
+            return body, check(body)
+
+        return await gateway.handle(gateway.new_call(request, name), read)
 
     endpoint.__name__ = f"{name}_endpoint"
     return endpoint
@@ -59,7 +59,7 @@ async def retrieve_model(request: Request) -> Response:
 
 
 async def _authorised(request: Request, gateway: Gateway, rid: str) -> None:
-    call = gateway.new_call(request, "models", {}, "")
+    call = gateway.new_call(request, "models")
     call.request_id = rid
     try:
         await gateway.authenticate(call)
