@@ -411,3 +411,30 @@ async def test_header_overrides_ignore_case_and_send_one_header(gateway):
     sent = route.calls.last.request.headers
     assert sent.get_list("authorization") == ["Bearer tenant-own-key"]
     assert sent.get_list("x-route") == ["eu"]
+
+
+# ---------------------------------------------------------------- exact stream usage
+
+async def test_stream_usage_is_asked_for_counted_and_kept_from_a_client_that_did_not_ask(gateway):
+    cfg = make_config()
+    recorder = Recorder()
+    usage = {"prompt_tokens": 4, "completion_tokens": 2, "total_tokens": 6}
+    async with gateway(cfg, plugin_manager=plugins(cfg, recorder=recorder)) as (http, upstream):
+        route = upstream.post(CHAT_URL).mock(return_value=sse_response(
+            b"data: " + chunk("a") + b"\n\n", b"data: " + chunk(usage=usage) + b"\n\ndata: [DONE]\n\n"))
+        r = await http.post("/v1/chat/completions", json={**CHAT, "stream": True})
+    assert sse_payloads(r.text) == [chunk("a").decode(), "[DONE]"]  # no usage chunk for it
+    assert orjson.loads(route.calls.last.request.content)["stream_options"] == {"include_usage": True}
+    assert recorder.finished[0].usage == Usage(4, 2, 6)
+
+
+async def test_stream_usage_false_leaves_the_request_alone(gateway):
+    cfg = make_config(
+        providers={"openai": {"plugin": "openai", "api_base": OPENAI_BASE, "api_key": KEY,
+                              "options": {"stream_usage": False}}},
+        models=[{"name": "gpt-test", "provider": "openai", "model": "gpt-4o-mini"}])
+    async with gateway(cfg) as (http, upstream):
+        route = upstream.post(CHAT_URL).mock(return_value=sse_response(b"data: " + chunk("a") + b"\n\n"))
+        r = await http.post("/v1/chat/completions", json={**CHAT, "stream": True})
+    assert r.status_code == 200
+    assert "stream_options" not in orjson.loads(route.calls.last.request.content)

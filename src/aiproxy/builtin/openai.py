@@ -7,7 +7,11 @@ re-encoded). Options:
 - ``auth_header``: ``authorization`` (default, ``Bearer <api_key>``) or another header
   that takes the bare key, e.g. ``api-key`` for Azure;
 - ``query``: query parameters for every request, e.g. ``{api-version: 2024-10-21}``;
-- ``require_api_key``: false for local servers that take none (vLLM, LM Studio).
+- ``require_api_key``: false for local servers that take none (vLLM, LM Studio);
+- ``stream_usage``: true (default) asks every stream for its usage
+  (``stream_options.include_usage``) so the gateway counts exactly what a stream cost;
+  the usage chunk is passed on only to clients that asked for it. False for servers
+  that reject ``stream_options``.
 """
 
 from __future__ import annotations
@@ -55,6 +59,8 @@ class OpenAIProvider(HTTPProvider):
         body = call.body
         if body.get("model") != call.upstream_model:
             body = {**body, "model": call.upstream_model}
+        if call.stream and not _wants_usage(call) and self.config.options.get("stream_usage", True):
+            body = {**body, "stream_options": {**(body.get("stream_options") or {}), "include_usage": True}}
         return body
 
     async def _whole(self, call: Call, deployment: Deployment, path: str) -> Reply:
@@ -70,6 +76,7 @@ class OpenAIProvider(HTTPProvider):
                     yield event
                 return
             done = events = 0  # after [DONE], read on to the end so the connection is reused
+            pass_usage = _wants_usage(call)
             async for data in sse.data_events(response.aiter_bytes()):
                 if done or data == b"[DONE]":
                     done = 1
@@ -78,9 +85,13 @@ class OpenAIProvider(HTTPProvider):
                     raise self._stream_error(data)
                 if b'"usage":{' in data or b'"usage": {' in data:
                     try:
-                        call.usage = Usage.from_openai(orjson.loads(data).get("usage")) or call.usage
-                    except (orjson.JSONDecodeError, AttributeError):
-                        pass
+                        chunk = orjson.loads(data)
+                    except orjson.JSONDecodeError:
+                        chunk = None
+                    if isinstance(chunk, dict):
+                        call.usage = Usage.from_openai(chunk.get("usage")) or call.usage
+                        if not pass_usage and chunk.get("choices") == []:
+                            continue  # the usage chunk we asked for, not the client
                 events += 1
                 yield b"data: " + data + b"\n\n"
             if not events:
@@ -95,8 +106,7 @@ class OpenAIProvider(HTTPProvider):
         if "error" in data:
             raise self._stream_error(raw)
         call.usage = Usage.from_openai(data.get("usage"))
-        include_usage = bool((call.body.get("stream_options") or {}).get("include_usage"))
-        for chunk in wire.replay_chunks(data, include_usage):
+        for chunk in wire.replay_chunks(data, _wants_usage(call)):
             yield sse.event(chunk)
 
     def _stream_error(self, data: bytes) -> ProxyError:
@@ -126,6 +136,12 @@ class OpenAIProvider(HTTPProvider):
         data: Any = parse_json(self.name, response.content).get("data")
         return [m["id"] for m in data if isinstance(m, dict) and isinstance(m.get("id"), str)] \
             if isinstance(data, list) else []
+
+
+def _wants_usage(call: Call) -> bool:
+    """Did the client ask for the final usage chunk?"""
+    options = call.body.get("stream_options")
+    return isinstance(options, dict) and bool(options.get("include_usage"))
 
 
 @hookimpl
