@@ -26,7 +26,7 @@ def _operation(name: str, check: Validator) -> Callable[[Request], Awaitable[Res
             body = await read_json(request, gateway.config.server.max_body_bytes)
             return body, check(body)
 
-        return await gateway.handle(gateway.new_call(request, name), read)
+        return await gateway.handle(gateway.new_call(request, name), read, request.receive)
 
     endpoint.__name__ = f"{name}_endpoint"
     return endpoint
