@@ -12,6 +12,8 @@ import respx
 from aiproxy.app import create_app
 from aiproxy.config import Config, parse_config
 
+pytest.register_assert_rewrite("tests.helpers")
+
 CHAT = {"model": "gpt-test", "messages": [{"role": "user", "content": "Say hi"}]}
 OPENAI_BASE = "https://api.openai.test/v1"
 OLLAMA_BASE = "http://ollama.test:11434"

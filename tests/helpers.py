@@ -1,0 +1,58 @@
+"""Helpers shared by the error, validation and auth tests: the OpenAI error shape, secret
+checks, and plugin managers with extra hook objects.
+
+pytest rewrites the asserts of test modules only, so the ones here say what failed themselves.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import httpx
+
+from aiproxy import hookimpl
+from aiproxy.call import Call
+from aiproxy.config import Config
+from aiproxy.errors import ProxyError
+from aiproxy.plugins import build_plugin_manager
+from tests.conftest import CHAT, OPENAI_BASE
+
+CHAT_URL = f"{OPENAI_BASE}/chat/completions"
+KEY = "sk-upstream-secret-123"
+STREAM = {**CHAT, "stream": True}
+
+
+def error_of(r: httpx.Response) -> dict[str, Any]:
+    """The error object of an OpenAI-shaped error answer, checking the shape on the way."""
+    assert r.headers["content-type"].startswith("application/json"), r.headers
+    body = r.json()
+    assert list(body) == ["error"], body
+    error = body["error"]
+    assert set(error) == {"message", "type", "param", "code"}, error
+    assert isinstance(error["message"], str) and error["message"], error
+    assert isinstance(error["type"], str) and error["type"], error
+    return error
+
+
+def assert_no_secret(r: httpx.Response, secret: str = KEY) -> None:
+    assert secret not in r.text, r.text
+    for name, value in r.headers.items():
+        assert secret not in value, name
+
+
+def with_plugins(cfg: Config, **objects: object) -> Any:
+    pm = build_plugin_manager(cfg)
+    for name, obj in objects.items():
+        pm.register(obj, name=name)
+    return pm
+
+
+class Errors:
+    """Records what the on_error hook sees."""
+
+    def __init__(self) -> None:
+        self.seen: list[tuple[Call, ProxyError]] = []
+
+    @hookimpl
+    async def aiproxy_on_error(self, call: Call, error: ProxyError) -> None:
+        self.seen.append((call, error))
