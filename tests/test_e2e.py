@@ -454,3 +454,4 @@ def test_server_logged_no_traceback(proxy: Proxy) -> None:
     """Runs last: nothing above may have made the gateway log an unexpected failure."""
     log = proxy.log.read_text()
     assert "Traceback" not in log and not re.search(r"\bERROR\b", log), log[-4000:]
+    assert UPSTREAM_KEY not in log

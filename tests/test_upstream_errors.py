@@ -228,3 +228,21 @@ async def test_mock_error_after_zero_chunks_is_an_http_error(client):
         "mock": {"error_after": 0}})
     assert r.status_code == 502
     error_of(r)
+
+
+async def test_provider_key_never_reaches_the_logs_even_at_debug(client, caplog):
+    import logging
+
+    caplog.set_level(logging.DEBUG)
+    http, upstream = client
+    echo = {"error": {"message": f"Incorrect API key provided: {KEY}", "type": "invalid_request_error"}}
+    upstream.post(CHAT_URL).respond(401, json=echo)
+    await http.post("/v1/chat/completions", json=CHAT)
+    upstream.post(CHAT_URL).respond(400, json=echo)
+    await http.post("/v1/chat/completions", json=CHAT)
+    upstream.post(CHAT_URL).mock(side_effect=httpx.ConnectError(f"refused {KEY}"))
+    await http.post("/v1/chat/completions", json={**CHAT, "stream": True})
+    upstream.post(CHAT_URL).respond(200, content=b"not json " + KEY.encode())
+    await http.post("/v1/chat/completions", json=CHAT)
+    assert caplog.records, "nothing was logged: the check would prove nothing"
+    assert KEY not in caplog.text
