@@ -104,8 +104,11 @@ class Gateway:
         assert task is not None
 
         async def watch() -> None:
-            while (await receive())["type"] != "http.disconnect":
-                pass
+            try:
+                while (await receive())["type"] != "http.disconnect":
+                    pass
+            except Exception:  # a broken channel is the server's to report, not ours
+                return
             call.metadata["client_disconnected"] = True
             task.cancel()
 
