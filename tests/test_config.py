@@ -9,6 +9,7 @@ from pathlib import Path
 import pytest
 
 from aiproxy.config import ConfigError, load_config, parse_config
+from tests.conftest import make_config
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -147,3 +148,17 @@ def test_serve_refuses_a_public_address_without_a_master_key(tmp_path):
     r = run_cli("serve", "--config", str(path))
     assert r.returncode == 2
     assert "refusing to listen on 0.0.0.0" in r.stderr
+
+
+def test_a_misspelt_core_section_is_an_error_not_a_plugin_section():
+    errors = errors_of({"servre": {"port": 1}, "provders": {}, "my_plugin": {"x": 1}})
+    assert errors == ["servre: unknown section; did you mean 'server'?",
+                      "provders: unknown section; did you mean 'providers'?"]
+
+
+def test_a_section_named_almost_like_a_loaded_plugin_is_warned_about(caplog):
+    from aiproxy.app import create_app
+
+    create_app(make_config(request_tags={"header": "x"}, plugins={"dir": str(ROOT / "plugins")}))
+    assert "config section 'request_tags' matches no loaded plugin; did you mean 'request_tag'?" \
+        in caplog.text

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import difflib
 import logging
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
@@ -38,6 +39,7 @@ def create_app(config: Config, *, transport: httpx.AsyncBaseTransport | None = N
     hooks = Hooks(pm, config.section)
     kinds = provider_kinds(hooks)
     check_provider_kinds(config, kinds)
+    _warn_unclaimed_sections(config, pm)
     routes: list[BaseRoute] = [*v1.routes, *health.routes]
     for extra in hooks.sync_all("aiproxy_routes", config=config):
         routes.extend(extra)
@@ -77,6 +79,17 @@ def create_app(config: Config, *, transport: httpx.AsyncBaseTransport | None = N
     app.state.hooks = hooks
     app.state.plugin_manager = pm
     return app
+
+
+def _warn_unclaimed_sections(config: Config, pm: pluggy.PluginManager) -> None:
+    """A section named like a loaded plugin but not quite is probably a typo."""
+    loaded = [name for name, _ in pm.list_name_plugin()]
+    for section in config.sections:
+        if section in loaded:
+            continue
+        near = difflib.get_close_matches(section, loaded, n=1, cutoff=0.8)
+        if near:
+            log.warning("config section %r matches no loaded plugin; did you mean %r?", section, near[0])
 
 
 def build_providers(config: Config, kinds: dict[str, type[Provider]], http: httpx.AsyncClient, *,

@@ -6,6 +6,7 @@ Every problem is reported with where it is in the file
 
 from __future__ import annotations
 
+import difflib
 import ipaddress
 import os
 import re
@@ -290,6 +291,10 @@ class _Validator:
         for key in sections:
             if not isinstance(key, str):
                 self.err(str(key), "section names must be strings")
+                continue
+            near = difflib.get_close_matches(key, _CORE_SECTIONS, n=1, cutoff=0.8)
+            if near:  # any other section belongs to a plugin; this one is a misspelling
+                self.err(key, f"unknown section; did you mean '{near[0]}'?")
         sections["database"] = database
         sections["redis"] = redis
         return Config(
