@@ -6,6 +6,10 @@ pytest rewrites the asserts of test modules only, so the ones here say what fail
 
 from __future__ import annotations
 
+import socket
+import subprocess
+import time
+from pathlib import Path
 from typing import Any
 
 import httpx
@@ -56,3 +60,26 @@ class Errors:
     @hookimpl
     async def aiproxy_on_error(self, call: Call, error: ProxyError) -> None:
         self.seen.append((call, error))
+
+
+# ---------------------------------------------------------------- a started server
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def wait_healthy(url: str, process: subprocess.Popen[bytes], log: Path, timeout: float = 15.0) -> None:
+    deadline = time.monotonic() + timeout
+    with httpx.Client(timeout=1.0, trust_env=False) as http:
+        while time.monotonic() < deadline:
+            if process.poll() is not None:
+                raise RuntimeError(f"aiproxy serve exited with {process.returncode}:\n{log.read_text()}")
+            try:
+                if http.get(f"{url}/health").status_code == 200:
+                    return
+            except httpx.TransportError:
+                pass
+            time.sleep(0.1)
+    raise RuntimeError(f"aiproxy serve was not healthy within {timeout:g}s:\n{log.read_text()}")

@@ -12,7 +12,6 @@ import json
 import math
 import os
 import re
-import socket
 import subprocess
 import sys
 import time
@@ -22,12 +21,12 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import httpx
 import openai
 import pytest
 import yaml
 
 from tests.fakes import FakeOllama, FakeOpenAI
+from tests.helpers import free_port, wait_healthy
 
 REPO = Path(__file__).resolve().parent.parent
 UPSTREAM_KEY = "sk-fake-upstream-key"
@@ -76,12 +75,6 @@ class Proxy:
         return self.openai_fake if kind == "openai" else self.ollama_fake
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
 def _write_config(path: Path, openai_fake: FakeOpenAI, ollama_fake: FakeOllama) -> None:
     config = {
         "server": {"host": "127.0.0.1", "access_log": False},
@@ -105,28 +98,13 @@ def _write_config(path: Path, openai_fake: FakeOpenAI, ollama_fake: FakeOllama) 
     path.write_text(yaml.safe_dump(config))
 
 
-def _wait_healthy(url: str, process: subprocess.Popen[bytes], log: Path, timeout: float = 15.0) -> None:
-    deadline = time.monotonic() + timeout
-    with httpx.Client(timeout=1.0, trust_env=False) as http:
-        while time.monotonic() < deadline:
-            if process.poll() is not None:
-                raise RuntimeError(f"aiproxy serve exited with {process.returncode}:\n{log.read_text()}")
-            try:
-                if http.get(f"{url}/health").status_code == 200:
-                    return
-            except httpx.TransportError:
-                pass
-            time.sleep(0.1)
-    raise RuntimeError(f"aiproxy serve was not healthy within {timeout:g}s:\n{log.read_text()}")
-
-
 @pytest.fixture(scope="module")
 def proxy(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Proxy]:
     tmp = tmp_path_factory.mktemp("e2e")
     with FakeOpenAI(api_key=UPSTREAM_KEY) as openai_fake, FakeOllama() as ollama_fake:
         config = tmp / "config.yaml"
         _write_config(config, openai_fake, ollama_fake)
-        port = _free_port()
+        port = free_port()
         log = tmp / "aiproxy.log"
         env = {k: v for k, v in os.environ.items() if not k.startswith("AIPROXY_")}
         with log.open("wb") as out:
@@ -136,7 +114,7 @@ def proxy(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Proxy]:
                 stdout=out, stderr=subprocess.STDOUT, env=env, cwd=tmp)
         try:
             url = f"http://127.0.0.1:{port}"
-            _wait_healthy(url, process, log)
+            wait_healthy(url, process, log)
             yield Proxy(url, openai_fake, ollama_fake, process, log)
         finally:
             process.terminate()
