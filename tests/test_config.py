@@ -42,7 +42,8 @@ def test_unset_variable_without_default_names_its_path():
 def test_every_error_is_reported_with_its_path_at_once():
     errors = errors_of({
         "server": {"port": "eighty", "workers": 0, "colour": "blue"},
-        "providers": {"openai": {"plugin": "openai", "timeout": {"read": -1}}},
+        "providers": {"openai": {"plugin": "openai", "timeout": {"read": -1},
+                                 "api_base": "localhost:11434"}},
         "models": [
             {"name": "a", "provider": "openai"},
             {"name": "b", "provider": "openai"},
@@ -58,7 +59,8 @@ def test_every_error_is_reported_with_its_path_at_once():
     assert "server.workers: must be at least 1, got 0" in errors
     assert any(e.startswith("server.colour: unknown setting") for e in errors)
     assert "providers.openai.timeout.read: must be at least 0.001, got -1.0" in errors
-    assert len(errors) == 7
+    assert "providers.openai.api_base: expected an http:// or https:// URL, got 'localhost:11434'" in errors
+    assert len(errors) == 8
 
 
 def test_defaults_and_timeouts_cascade():

@@ -342,10 +342,13 @@ class _Validator:
             data = self.mapping(value, path)
             self.only(data, path, ("plugin", "api_base", "api_key", "timeout", "headers", "options"))
             headers = self.mapping(data.get("headers"), f"{path}.headers")
+            api_base = self.string(data.get("api_base"), f"{path}.api_base")
+            if api_base and not api_base.startswith(("http://", "https://")):
+                self.err(f"{path}.api_base", f"expected an http:// or https:// URL, got {api_base!r}")
             out[str(name)] = ProviderConfig(
                 name=str(name),
                 plugin=self.string(data.get("plugin"), f"{path}.plugin") or str(name),
-                api_base=self.string(data.get("api_base"), f"{path}.api_base"),
+                api_base=api_base,
                 api_key=self.string(data.get("api_key"), f"{path}.api_key"),
                 timeout=self.timeouts(data.get("timeout"), f"{path}.timeout"),
                 headers={str(k): str(v) for k, v in headers.items() if v is not None},
