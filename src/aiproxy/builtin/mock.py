@@ -25,6 +25,7 @@ The same request always gets the same answer. Options (provider ``options:``, mo
 from __future__ import annotations
 
 import asyncio
+import functools
 import hashlib
 import random
 import struct
@@ -108,8 +109,7 @@ class MockProvider(Provider):
     def _words(self, seed_text: str, count: int, opts: dict[str, Any]) -> list[str]:
         if opts.get("reply") is not None:
             return str(opts["reply"]).split(" ")
-        rng = random.Random(zlib.crc32(seed_text.encode()))
-        return [rng.choice(VOCABULARY) for _ in range(max(0, int(count)))]
+        return list(_generated(zlib.crc32(seed_text.encode()), max(0, int(count))))
 
     def _tool_calls(self, call: Call, opts: dict[str, Any]) -> list[dict[str, Any]]:
         tools = call.body.get("tools") or []
@@ -254,6 +254,13 @@ class MockProvider(Provider):
     async def list_models(self) -> list[str]:
         models = self.config.options.get("models") or []
         return [str(m) for m in models]
+
+
+@functools.lru_cache(maxsize=4096)
+def _generated(seed: int, count: int) -> tuple[str, ...]:
+    """The words for one seed: seeding an RNG costs more than the rest of a mock call."""
+    rng = random.Random(seed)
+    return tuple(rng.choice(VOCABULARY) for _ in range(count))
 
 
 def _usage(prompt: int, completion: int) -> dict[str, Any]:
