@@ -109,7 +109,10 @@ class MockProvider(Provider):
     def _words(self, seed_text: str, count: int, opts: dict[str, Any]) -> list[str]:
         if opts.get("reply") is not None:
             return str(opts["reply"]).split(" ")
-        return list(_generated(zlib.crc32(seed_text.encode()), max(0, int(count))))
+        seed, count = zlib.crc32(seed_text.encode()), max(0, int(count))
+        if count > 512:  # keep the cache small whatever clients ask for
+            return list(_generated.__wrapped__(seed, count))
+        return list(_generated(seed, count))
 
     def _tool_calls(self, call: Call, opts: dict[str, Any]) -> list[dict[str, Any]]:
         tools = call.body.get("tools") or []
