@@ -98,6 +98,12 @@ class Call:
     attempts: int = 0
 
     @property
+    def include_usage(self) -> bool:
+        """Did the client ask for a stream's final usage chunk (``stream_options``)?"""
+        options = self.body.get("stream_options")
+        return isinstance(options, dict) and bool(options.get("include_usage"))
+
+    @property
     def latency(self) -> float | None:
         """Seconds from arrival to the last byte, once finished."""
         return None if self.finished is None else self.finished - self.started

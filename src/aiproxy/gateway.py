@@ -177,8 +177,7 @@ class Gateway:
         reply = await self._cached(call)
         events: AsyncIterator[bytes]
         if reply is not None:
-            options = call.body.get("stream_options") or {}
-            events = _replay(reply, bool(options.get("include_usage")))
+            events = _replay(reply, call.include_usage)
         else:
             assert call.deployment is not None
             method = _STREAMED.get(call.operation)

@@ -208,7 +208,7 @@ class MockProvider(Provider):
         yield await emit({}, finish)
         usage = _usage(len(prompt_text.split()) + 3 * len(call.body["messages"]), completion_tokens)
         call.usage = Usage.from_openai(usage)
-        if (call.body.get("stream_options") or {}).get("include_usage"):
+        if call.include_usage:
             yield sse.event(wire.chat_chunk(id=cid, model=model, created=created, usage=usage))
 
     async def completion(self, call: Call, deployment: Deployment) -> Reply:
@@ -236,7 +236,7 @@ class MockProvider(Provider):
                                         finish_reason="stop"))
         usage = _usage(len(prompt.split()), len(words))
         call.usage = Usage.from_openai(usage)
-        if (call.body.get("stream_options") or {}).get("include_usage"):
+        if call.include_usage:
             yield sse.event(wire.text_chunk(id=cid, model=model, created=created, text="", usage=usage))
 
     async def embedding(self, call: Call, deployment: Deployment) -> Reply:

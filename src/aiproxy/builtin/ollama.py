@@ -99,7 +99,7 @@ class OllamaProvider(HTTPProvider):
     def chat_stream(self, call: Call, deployment: Deployment) -> AsyncIterator[bytes]:
         body = _chat_body(call, stream=True)  # a bad request fails before anything is sent
         cid, created, model = wire.new_id("chatcmpl"), int(time.time()), call.upstream_model
-        want_usage = _include_usage(call)
+        want_usage = call.include_usage
         sent, tools = 0, 0
 
         def chunks(data: dict[str, Any]) -> list[dict[str, Any]]:
@@ -129,7 +129,7 @@ class OllamaProvider(HTTPProvider):
     def completion_stream(self, call: Call, deployment: Deployment) -> AsyncIterator[bytes]:
         body = _generate_body(call, stream=True)
         cid, created, model = wire.new_id("cmpl"), int(time.time()), call.upstream_model
-        want_usage = _include_usage(call)
+        want_usage = call.include_usage
 
         def chunks(data: dict[str, Any]) -> list[dict[str, Any]]:
             out = []
@@ -344,11 +344,6 @@ def _int(value: Any) -> int:
 
 def _model(call: Call, data: dict[str, Any]) -> str:
     return call.upstream_model or str(data.get("model") or "")
-
-
-def _include_usage(call: Call) -> bool:
-    options = call.body.get("stream_options")
-    return isinstance(options, dict) and bool(options.get("include_usage"))
 
 
 @hookimpl

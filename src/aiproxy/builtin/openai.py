@@ -59,7 +59,7 @@ class OpenAIProvider(HTTPProvider):
         body = call.body
         if body.get("model") != call.upstream_model:
             body = {**body, "model": call.upstream_model}
-        if call.stream and not _wants_usage(call) and self.config.options.get("stream_usage", True):
+        if call.stream and not call.include_usage and self.config.options.get("stream_usage", True):
             body = {**body, "stream_options": {**(body.get("stream_options") or {}), "include_usage": True}}
         return body
 
@@ -76,7 +76,7 @@ class OpenAIProvider(HTTPProvider):
                     yield event
                 return
             done = events = 0  # after [DONE], read on to the end so the connection is reused
-            pass_usage = _wants_usage(call)
+            pass_usage = call.include_usage
             async for data in sse.data_events(response.aiter_bytes()):
                 if done or data == b"[DONE]":
                     done = 1
@@ -106,7 +106,7 @@ class OpenAIProvider(HTTPProvider):
         if "error" in data:
             raise self._stream_error(raw)
         call.usage = Usage.from_openai(data.get("usage"))
-        for chunk in wire.replay_chunks(data, _wants_usage(call)):
+        for chunk in wire.replay_chunks(data, call.include_usage):
             yield sse.event(chunk)
 
     def _stream_error(self, data: bytes) -> ProxyError:
@@ -136,12 +136,6 @@ class OpenAIProvider(HTTPProvider):
         data: Any = parse_json(self.name, response.content).get("data")
         return [m["id"] for m in data if isinstance(m, dict) and isinstance(m.get("id"), str)] \
             if isinstance(data, list) else []
-
-
-def _wants_usage(call: Call) -> bool:
-    """Did the client ask for the final usage chunk?"""
-    options = call.body.get("stream_options")
-    return isinstance(options, dict) and bool(options.get("include_usage"))
 
 
 @hookimpl
