@@ -87,6 +87,8 @@ def _write_config(path: Path, openai_fake: FakeOpenAI, ollama_fake: FakeOllama) 
         "models": [
             {"name": "mock-*", "provider": "mock"},
             {"name": "gpt-fake", "provider": "openai", "model": "gpt-4o-mini"},
+            {"name": "gpt-impatient", "provider": "openai", "model": "gpt-4o-mini",
+             "timeout": {"read": 0.3}},
             {"name": "embed-fake", "provider": "openai", "model": "text-embedding-3-small"},
             {"name": "openai/*", "provider": "openai", "model": "*"},
             {"name": "llama-fake", "provider": "ollama", "model": "llama3.2"},
@@ -426,6 +428,23 @@ def test_plugin_header_reaches_upstream_and_client(proxy: Proxy, client: openai.
     assert "anything" not in record.headers.get("authorization", ""), "client key leaked upstream"
     if kind == "openai":
         assert record.headers["authorization"] == f"Bearer {UPSTREAM_KEY}"
+
+
+def test_a_models_read_timeout_is_enforced_as_504(proxy: Proxy) -> None:
+    """The per-model timeout reaches the shared upstream client: a slow upstream is cut off."""
+    with openai.OpenAI(base_url=f"{proxy.url}/v1", api_key="anything", max_retries=0) as client:
+        began = time.monotonic()
+        with pytest.raises(openai.InternalServerError) as info:
+            client.chat.completions.create(model="gpt-impatient",
+                                           messages=[{"role": "user", "content": "hi"}],
+                                           extra_body={"fake": {"latency_ms": 3000}})
+        took = time.monotonic() - began
+        fast = client.chat.completions.create(model="gpt-fake", messages=[{"role": "user", "content": "hi"}],
+                                              extra_body={"fake": {"latency_ms": 600}})
+    assert info.value.status_code == 504
+    assert info.value.code == "upstream_timeout"
+    assert took < 2.5
+    assert fast.choices[0].message.content  # the provider's own, longer timeout still applies elsewhere
 
 
 def test_server_logged_no_traceback(proxy: Proxy) -> None:
