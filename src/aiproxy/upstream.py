@@ -7,7 +7,8 @@ echoes in a message never reaches the client.
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Mapping
+from collections.abc import AsyncIterator, Iterable, Mapping
+from contextlib import asynccontextmanager
 from typing import TYPE_CHECKING, Any, ClassVar
 
 import httpx
@@ -196,6 +197,25 @@ class HTTPProvider(Provider):
                 await response.aclose()
             raise upstream_error(self.name, response.status_code, body, response.headers, self.secrets())
         return response
+
+    @asynccontextmanager
+    async def streaming(self, request: httpx.Request) -> AsyncIterator[httpx.Response]:
+        """Send for a streamed answer; a connection failure while reading it becomes a
+        ProxyError, and the response is closed however the reading ends (a client that
+        went away included: closing an unfinished response cancels it upstream)."""
+        response = await self.send(request, stream=True)
+        try:
+            yield response
+        except httpx.HTTPError as exc:
+            raise transport_error(self.name, exc) from None
+        finally:
+            await response.aclose()
+
+    def stream_error(self, message: str | None) -> ProxyError:
+        """An error the upstream reported in the middle of a stream."""
+        return ProxyError(502, f"provider {self.name!r} failed mid-stream: "
+                          f"{scrub(message or 'no message', self.secrets())}",
+                          type="upstream_error", code="upstream_error")
 
     async def post_json(self, call: Call, deployment: Deployment, path: str,
                         body: Any) -> tuple[dict[str, Any], bytes]:

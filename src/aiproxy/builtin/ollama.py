@@ -27,14 +27,13 @@ import time
 from collections.abc import AsyncIterator, Callable
 from typing import TYPE_CHECKING, Any
 
-import httpx
 import orjson
 
 from aiproxy import hookimpl, sse, wire
 from aiproxy.call import Usage
-from aiproxy.errors import ProxyError, invalid
+from aiproxy.errors import invalid
 from aiproxy.provider import Reply
-from aiproxy.upstream import HTTPProvider, invalid_response, parse_json, scrub, transport_error
+from aiproxy.upstream import HTTPProvider, invalid_response, parse_json
 
 if TYPE_CHECKING:
     from aiproxy.call import Call
@@ -61,9 +60,8 @@ class OllamaProvider(HTTPProvider):
     async def _stream(self, call: Call, deployment: Deployment, path: str, body: dict[str, Any],
                       chunks: Chunks) -> AsyncIterator[bytes]:
         """POST ``body``; relay each NDJSON line as ``chunks`` translates it, when it arrives."""
-        response = await self.send(self.build(call, deployment, path, body), stream=True)
         done = False
-        try:
+        async with self.streaming(self.build(call, deployment, path, body)) as response:
             async for line in sse.ndjson_lines(response.aiter_bytes()):
                 data = self._record(line)
                 if data.get("done"):
@@ -73,17 +71,11 @@ class OllamaProvider(HTTPProvider):
                     yield sse.event(chunk)
             if not done:
                 raise invalid_response(self.name, "the stream ended before its last line")
-        except httpx.HTTPError as exc:
-            raise transport_error(self.name, exc) from None
-        finally:
-            await response.aclose()
 
     def _record(self, line: bytes) -> dict[str, Any]:
         data = parse_json(self.name, line)
         if "error" in data:
-            message = scrub(str(data["error"]), (self.config.api_key,))
-            raise ProxyError(502, f"provider {self.name!r} failed mid-stream: {message}",
-                             type="upstream_error", code="upstream_error")
+            raise self.stream_error(str(data["error"]))
         return data
 
     # ------------------------------------------------------------ operations

@@ -25,9 +25,8 @@ import orjson
 from aiproxy import hookimpl, sse, wire
 from aiproxy.call import Usage
 from aiproxy.config import ProviderConfig
-from aiproxy.errors import ProxyError
 from aiproxy.provider import Reply
-from aiproxy.upstream import HTTPProvider, error_message, invalid_response, parse_json, scrub, transport_error
+from aiproxy.upstream import HTTPProvider, error_message, invalid_response, parse_json
 
 if TYPE_CHECKING:
     from aiproxy.call import Call
@@ -68,8 +67,7 @@ class OpenAIProvider(HTTPProvider):
         return Reply(data, raw=raw)
 
     async def _events(self, call: Call, deployment: Deployment, path: str) -> AsyncIterator[bytes]:
-        response = await self.send(self.build(call, deployment, path, self._body(call)), stream=True)
-        try:
+        async with self.streaming(self.build(call, deployment, path, self._body(call))) as response:
             if response.headers.get("content-type", "").startswith("application/json"):
                 # Some servers ignore stream=true and answer whole: replay it as a stream.
                 async for event in self._replayed(call, await response.aread()):
@@ -82,7 +80,7 @@ class OpenAIProvider(HTTPProvider):
                     done = 1
                     continue
                 if data.startswith(b'{"error"'):
-                    raise self._stream_error(data)
+                    raise self.stream_error(error_message(data)[0])
                 if b'"usage":{' in data or b'"usage": {' in data:
                     try:
                         chunk = orjson.loads(data)
@@ -96,24 +94,14 @@ class OpenAIProvider(HTTPProvider):
                 yield b"data: " + data + b"\n\n"
             if not events:
                 raise invalid_response(self.name, "the stream ended without any event")
-        except httpx.HTTPError as exc:
-            raise transport_error(self.name, exc) from None
-        finally:
-            await response.aclose()
 
     async def _replayed(self, call: Call, raw: bytes) -> AsyncIterator[bytes]:
         data = parse_json(self.name, raw)
         if "error" in data:
-            raise self._stream_error(raw)
+            raise self.stream_error(error_message(raw)[0])
         call.usage = Usage.from_openai(data.get("usage"))
         for chunk in wire.replay_chunks(data, call.include_usage):
             yield sse.event(chunk)
-
-    def _stream_error(self, data: bytes) -> ProxyError:
-        message, _ = error_message(data)
-        return ProxyError(502, f"provider {self.name!r} failed mid-stream: "
-                          f"{scrub(message or 'no message', self.secrets())}",
-                          type="upstream_error", code="upstream_error")
 
     # ------------------------------------------------------------ operations
     async def chat(self, call: Call, deployment: Deployment) -> Reply:
