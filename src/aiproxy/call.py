@@ -3,13 +3,15 @@
 from __future__ import annotations
 
 import time
+from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Protocol
 
 if TYPE_CHECKING:
     from starlette.datastructures import Headers
 
     from aiproxy.errors import ProxyError
+    from aiproxy.provider import Reply
     from aiproxy.router import Deployment
 
 #: The operations a call can be; also the provider method each one maps to.
@@ -65,6 +67,28 @@ def _int(value: Any) -> int:
     return value if type(value) is int else 0
 
 
+class Egress(Protocol):
+    """How answers are written for a client that speaks another wire format.
+
+    The gateway works in OpenAI shape throughout; an ingress route for another API
+    (``/v1/messages``) sets ``call.egress`` and gets each answer rewritten at the edge.
+    """
+
+    media_type: str
+
+    def whole(self, call: Call, reply: Reply) -> bytes:
+        """The response body for a whole OpenAI-shaped answer."""
+        ...
+
+    def stream(self, call: Call, events: AsyncIterator[bytes]) -> AsyncIterator[bytes]:
+        """Rewrite OpenAI SSE events (ending in ``[DONE]`` or an error event)."""
+        ...
+
+    def error(self, error: ProxyError) -> bytes:
+        """The response body for a failure (the status stays the same)."""
+        ...
+
+
 @dataclass(slots=True, eq=False)
 class Call:
     """One client request on its way through the gateway.
@@ -81,6 +105,7 @@ class Call:
     stream: bool
     headers: Headers  # the client's request headers
     ingress: str = "openai"  # which wire format the client speaks
+    egress: Egress | None = None  # rewrites answers for a non-OpenAI ingress
     principal: Principal | None = None
     deployment: Deployment | None = None
     upstream_model: str = ""  # what the deployment asks its upstream for

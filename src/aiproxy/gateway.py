@@ -17,7 +17,7 @@ import anyio
 from starlette.responses import Response, StreamingResponse
 
 from aiproxy import sse, wire
-from aiproxy.call import Call, Principal, Usage
+from aiproxy.call import Call, Egress, Principal, Usage
 from aiproxy.errors import ProxyError
 
 if TYPE_CHECKING:
@@ -46,11 +46,12 @@ def request_id(request: Request) -> str:
     return os.urandom(12).hex()
 
 
-def error_response(exc: ProxyError, rid: str | None = None) -> Response:
+def error_response(exc: ProxyError, rid: str | None = None, egress: Egress | None = None) -> Response:
     headers = dict(exc.headers)
     if rid:
         headers["x-request-id"] = rid
-    return Response(exc.json(), status_code=exc.status, headers=headers, media_type="application/json")
+    body = exc.json() if egress is None else egress.error(exc)
+    return Response(body, status_code=exc.status, headers=headers, media_type="application/json")
 
 
 def internal_error() -> ProxyError:
@@ -162,6 +163,9 @@ class Gateway:
         call.finished = time.perf_counter()
         await self._quietly("aiproxy_after_call", call=call)
         headers = {**reply.headers, **call.response_headers, "x-request-id": call.request_id}
+        if call.egress is not None:
+            return Response(call.egress.whole(call, reply), headers=headers,
+                            media_type=call.egress.media_type)
         return Response(reply.body(), headers=headers, media_type="application/json")
 
     async def _cached(self, call: Call) -> Reply | None:
@@ -193,8 +197,10 @@ class Gateway:
         except StopAsyncIteration:
             first = None
         headers = {**call.response_headers, **_STREAM_HEADERS, "x-request-id": call.request_id}
-        return StreamingResponse(self._relay(call, first, events), headers=headers,
-                                 media_type="text/event-stream")
+        relay = self._relay(call, first, events)
+        if call.egress is not None:
+            relay = call.egress.stream(call, relay)
+        return StreamingResponse(relay, headers=headers, media_type="text/event-stream")
 
     async def _relay(self, call: Call, first: bytes | None,
                      events: AsyncIterator[bytes]) -> AsyncIterator[bytes]:
@@ -234,7 +240,7 @@ class Gateway:
         call.error = exc
         call.finished = time.perf_counter()
         await self._quietly("aiproxy_on_error", call=call, error=exc)
-        return error_response(exc, call.request_id)
+        return error_response(exc, call.request_id, call.egress)
 
     async def _quietly(self, hook: str, **kwargs: Any) -> None:
         """Run a hook whose failure must not cost the client its answer: log it instead."""
