@@ -82,6 +82,10 @@ class Provider:
     async def embedding(self, call: Call, deployment: Deployment) -> Reply:
         raise self.unsupported("embeddings")
 
+    async def count_tokens(self, call: Call, deployment: Deployment) -> int:
+        """Input tokens the upstream would count for the chat request ``call.body``."""
+        raise self.unsupported("token counting")
+
     async def list_models(self) -> list[str]:
         """Upstream model ids, for wildcard entries in ``models:``. Default: none."""
         return []
