@@ -157,7 +157,7 @@ class MockProvider(Provider):
                 completion_tokens += len(words)
             message.setdefault("refusal", None)
             choices.append({"index": i, "message": message, "logprobs": None, "finish_reason": finish})
-        usage = _usage(len(prompt_text.split()) + 3 * len(call.body["messages"]), completion_tokens)
+        usage = _usage(_prompt_tokens(call.body), completion_tokens)
         data = {"id": wire.new_id("chatcmpl"), "object": "chat.completion", "created": int(time.time()),
                 "model": call.upstream_model, "choices": choices, "usage": usage,
                 "system_fingerprint": "fp_mock"}
@@ -206,7 +206,7 @@ class MockProvider(Provider):
             completion_tokens = len(words)
             finish = "stop"
         yield await emit({}, finish)
-        usage = _usage(len(prompt_text.split()) + 3 * len(call.body["messages"]), completion_tokens)
+        usage = _usage(_prompt_tokens(call.body), completion_tokens)
         call.usage = Usage.from_openai(usage)
         if call.include_usage:
             yield sse.event(wire.chat_chunk(id=cid, model=model, created=created, usage=usage))
@@ -254,6 +254,10 @@ class MockProvider(Provider):
                                          encoding_format=call.body.get("encoding_format"),
                                          prompt_tokens=tokens))
 
+    async def count_tokens(self, call: Call, deployment: Deployment) -> int:
+        """The prompt tokens a chat call with this body would report in its usage."""
+        return _prompt_tokens(call.body)
+
     async def list_models(self) -> list[str]:
         models = self.config.options.get("models") or []
         return [str(m) for m in models]
@@ -268,6 +272,11 @@ def _generated(seed: int, count: int) -> tuple[str, ...]:
 
 def _usage(prompt: int, completion: int) -> dict[str, Any]:
     return {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion}
+
+
+def _prompt_tokens(body: dict[str, Any]) -> int:
+    """A chat prompt's tokens as the mock counts them: its words, and 3 per message."""
+    return len(_chat_text(body).split()) + 3 * len(body.get("messages") or [])
 
 
 def _chat_text(body: dict[str, Any]) -> str:

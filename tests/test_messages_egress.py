@@ -1,0 +1,255 @@
+"""OpenAI-shaped answers → Anthropic Messages answers (``aiproxy.builtin.messages_egress``).
+
+Whole answers are checked against the ``anthropic`` SDK's own ``Message`` model, stream
+events against its ``RawMessageStreamEvent`` union, and every stream's event order
+against the protocol (one block open at a time, indexes in order, ``message_stop`` last).
+"""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from typing import Any
+
+import orjson
+import pydantic
+import pytest
+from anthropic.types import Message, RawMessageStreamEvent
+from starlette.datastructures import Headers
+
+from aiproxy import sse, wire
+from aiproxy.builtin.messages_egress import MessagesEgress
+from aiproxy.call import Call, Usage
+from aiproxy.errors import ProxyError
+from aiproxy.provider import Reply
+
+EGRESS = MessagesEgress()
+EVENT = pydantic.TypeAdapter(RawMessageStreamEvent)
+
+
+def make_call(**body: Any) -> Call:
+    return Call(request_id="r1", operation="chat", body={"model": "claude-alias", **body},
+                model="claude-alias", stream=bool(body.get("stream")), headers=Headers())
+
+
+def completion(message: dict[str, Any], finish: str | None, usage: dict[str, Any] | None = None,
+               **choice: Any) -> dict[str, Any]:
+    data = wire.chat_completion(id="chatcmpl-1", model="upstream-model", message=message,
+                                finish_reason=finish, usage=usage or {"prompt_tokens": 11,
+                                                                      "completion_tokens": 7,
+                                                                      "total_tokens": 18})
+    data["choices"][0].update(choice)
+    return data
+
+
+def whole(data: dict[str, Any], call: Call | None = None) -> dict[str, Any]:
+    out: dict[str, Any] = orjson.loads(EGRESS.whole(call or make_call(), Reply(data)))
+    Message.model_validate(out)
+    return out
+
+
+# ---------------------------------------------------------------- whole answers
+def test_text_answer() -> None:
+    out = whole(completion({"role": "assistant", "content": "Hello there", "refusal": None}, "stop"))
+    assert out["id"].startswith("msg_") and out["type"] == "message" and out["role"] == "assistant"
+    assert out["model"] == "claude-alias"  # the name the client sent, not the upstream's
+    assert out["content"] == [{"type": "text", "text": "Hello there"}]
+    assert (out["stop_reason"], out["stop_sequence"]) == ("end_turn", None)
+    assert out["usage"] == {"input_tokens": 11, "output_tokens": 7}
+
+
+@pytest.mark.parametrize(("finish", "reason"), [
+    ("stop", "end_turn"), ("length", "max_tokens"), ("tool_calls", "tool_use"),
+    ("content_filter", "refusal"), (None, "end_turn"), ("something_new", "end_turn"),
+])
+def test_stop_reasons(finish: str | None, reason: str) -> None:
+    out = whole(completion({"role": "assistant", "content": "x"}, finish))
+    assert out["stop_reason"] == reason
+
+
+def test_stop_sequence_when_the_upstream_names_it() -> None:
+    call = make_call(stop=["END", "HALT"])
+    data = completion({"role": "assistant", "content": "x"}, "stop", stop_reason="HALT")
+    out = whole(data, call)
+    assert (out["stop_reason"], out["stop_sequence"]) == ("stop_sequence", "HALT")
+    other = whole(completion({"role": "assistant", "content": "x"}, "stop", stop_reason="NOT-ASKED"), call)
+    assert (other["stop_reason"], other["stop_sequence"]) == ("end_turn", None)
+
+
+def test_parallel_tool_calls_become_tool_use_blocks() -> None:
+    message = {"role": "assistant", "content": "Checking.", "tool_calls": [
+        {"id": "call_a", "type": "function", "function": {"name": "get_weather",
+                                                           "arguments": '{"city": "Paris"}'}},
+        {"id": "call_b", "type": "function", "function": {"name": "get_time", "arguments": ""}},
+        {"id": "call_c", "type": "function", "function": {"name": "broken", "arguments": "{oops"}},
+    ]}
+    out = whole(completion(message, "tool_calls"))
+    assert out["content"] == [
+        {"type": "text", "text": "Checking."},
+        {"type": "tool_use", "id": "call_a", "name": "get_weather", "input": {"city": "Paris"}},
+        {"type": "tool_use", "id": "call_b", "name": "get_time", "input": {}},
+        {"type": "tool_use", "id": "call_c", "name": "broken", "input": {"_raw_arguments": "{oops"}},
+    ]
+    assert out["stop_reason"] == "tool_use"
+
+
+def test_refusal_and_cached_usage() -> None:
+    usage = {"prompt_tokens": 100, "completion_tokens": 3, "total_tokens": 103,
+             "prompt_tokens_details": {"cached_tokens": 60}}
+    out = whole(completion({"role": "assistant", "content": None, "refusal": "I can't help."}, "stop", usage))
+    assert out["content"] == [{"type": "text", "text": "I can't help."}]
+    assert out["stop_reason"] == "refusal"
+    assert out["usage"] == {"input_tokens": 40, "output_tokens": 3, "cache_read_input_tokens": 60}
+
+
+@pytest.mark.parametrize(("status", "kind"), [
+    (400, "invalid_request_error"), (401, "authentication_error"), (403, "permission_error"),
+    (404, "not_found_error"), (413, "invalid_request_error"), (429, "rate_limit_error"),
+    (500, "api_error"), (502, "api_error"), (503, "overloaded_error"), (504, "timeout_error"),
+    (529, "overloaded_error"),
+])
+def test_errors_in_anthropic_shape(status: int, kind: str) -> None:
+    body = orjson.loads(EGRESS.error(ProxyError(status, "what went wrong")))
+    assert body == {"type": "error", "error": {"type": kind, "message": "what went wrong"}}
+
+
+# ---------------------------------------------------------------- streams
+def chunk(delta: dict[str, Any] | None = None, finish: str | None = None,
+          usage: dict[str, Any] | None = None) -> bytes:
+    return sse.event(wire.chat_chunk(id="c1", model="upstream-model", created=1, delta=delta,
+                                     finish_reason=finish, usage=usage))
+
+
+USAGE = {"prompt_tokens": 9, "completion_tokens": 4, "total_tokens": 13}
+
+
+async def feed(events: list[bytes]) -> AsyncIterator[bytes]:
+    for e in events:
+        yield e
+
+
+async def run(events: list[bytes], call: Call | None = None) -> list[tuple[str, dict[str, Any]]]:
+    """The Anthropic events for ``events``, each checked against the SDK's types."""
+    raw = b"".join([piece async for piece in EGRESS.stream(call or make_call(stream=True), feed(events))])
+    out = []
+    for block in raw.decode().split("\n\n"):
+        if not block:
+            continue
+        name_line, data_line = block.split("\n")
+        name, data = name_line.removeprefix("event: "), orjson.loads(data_line.removeprefix("data: "))
+        assert data["type"] == name
+        if name != "error":
+            EVENT.validate_python(data)
+        out.append((name, data))
+    return out
+
+
+def check_order(events: list[tuple[str, dict[str, Any]]]) -> None:
+    """The protocol: message_start; blocks opened and closed one at a time, in index order;
+    message_delta; message_stop."""
+    names = [n for n, _ in events]
+    assert names[0] == "message_start" and names[-2:] == ["message_delta", "message_stop"], names
+    open_index, next_index = None, 0
+    for name, data in events[1:-2]:
+        if name == "content_block_start":
+            assert open_index is None and data["index"] == next_index, names
+            open_index, next_index = data["index"], next_index + 1
+        elif name == "content_block_delta":
+            assert data["index"] == open_index, names
+        elif name == "content_block_stop":
+            assert data["index"] == open_index, names
+            open_index = None
+        else:
+            raise AssertionError(f"unexpected {name} inside the message: {names}")
+    assert open_index is None, names
+
+
+async def test_text_stream() -> None:
+    events = await run([chunk({"role": "assistant", "content": ""}), chunk({"content": "Hel"}),
+                        chunk({"content": "lo"}), chunk({}, "stop"), chunk(usage=USAGE), sse.DONE])
+    check_order(events)
+    start = events[0][1]["message"]
+    assert start["model"] == "claude-alias" and start["content"] == [] and start["stop_reason"] is None
+    assert [e[1]["delta"]["text"] for e in events if e[0] == "content_block_delta"] == ["Hel", "lo"]
+    assert events[1][1]["content_block"] == {"type": "text", "text": ""}
+    delta = events[-2][1]
+    assert delta["delta"] == {"stop_reason": "end_turn", "stop_sequence": None}
+    assert delta["usage"] == {"input_tokens": 9, "output_tokens": 4}  # the usage chunk, not a delta
+
+
+async def test_text_then_parallel_tool_calls_get_one_block_each() -> None:
+    events = await run([
+        chunk({"role": "assistant", "content": "Let me look."}),
+        chunk({"tool_calls": [{"index": 0, "id": "call_a", "type": "function",
+                               "function": {"name": "get_weather", "arguments": ""}}]}),
+        chunk({"tool_calls": [{"index": 0, "function": {"arguments": '{"city":'}}]}),
+        chunk({"tool_calls": [{"index": 0, "function": {"arguments": ' "Paris"}'}}]}),
+        chunk({"tool_calls": [{"index": 1, "id": "call_b", "type": "function",
+                               "function": {"name": "get_time", "arguments": "{}"}}]}),
+        chunk({}, "tool_calls"), chunk(usage=USAGE), sse.DONE])
+    check_order(events)
+    starts = [d["content_block"] for n, d in events if n == "content_block_start"]
+    assert starts == [{"type": "text", "text": ""},
+                      {"type": "tool_use", "id": "call_a", "name": "get_weather", "input": {}},
+                      {"type": "tool_use", "id": "call_b", "name": "get_time", "input": {}}]
+    json_parts: dict[int, str] = {}
+    for name, data in events:
+        if name == "content_block_delta" and data["delta"]["type"] == "input_json_delta":
+            json_parts[data["index"]] = json_parts.get(data["index"], "") + data["delta"]["partial_json"]
+    assert {i: orjson.loads(v) for i, v in json_parts.items()} == {1: {"city": "Paris"}, 2: {}}
+    assert events[-2][1]["delta"]["stop_reason"] == "tool_use"
+
+
+async def test_a_replayed_whole_answer_streams_the_same() -> None:
+    """A cached answer replayed as chunks (content null beside tool calls, usage known up front)."""
+    data = completion({"role": "assistant", "content": None, "tool_calls": [
+        {"id": "call_a", "type": "function", "function": {"name": "f", "arguments": '{"a":1}'}}]},
+        "tool_calls")
+    call = make_call(stream=True)
+    call.usage = Usage.from_openai(data["usage"])
+    events = await run([sse.event(c) for c in wire.replay_chunks(data, True)] + [sse.DONE], call)
+    check_order(events)
+    assert events[0][1]["message"]["usage"]["input_tokens"] == 11
+    assert [n for n, _ in events] == ["message_start", "content_block_start", "content_block_delta",
+                                      "content_block_stop", "message_delta", "message_stop"]
+    assert events[-2][1]["usage"] == {"input_tokens": 11, "output_tokens": 7}
+
+
+async def test_length_and_empty_streams() -> None:
+    cut = await run([chunk({"content": "a"}), chunk({}, "length"), sse.DONE])
+    check_order(cut)
+    assert cut[-2][1]["delta"]["stop_reason"] == "max_tokens"
+    empty = await run([sse.DONE])
+    check_order(empty)
+    assert [n for n, _ in empty] == ["message_start", "message_delta", "message_stop"]
+
+
+@pytest.mark.parametrize(("error", "kind"), [
+    (ProxyError(502, "upstream broke"), "api_error"),
+    (ProxyError(503, "busy"), "overloaded_error"),
+    (ProxyError(429, "slow down"), "rate_limit_error"),
+    (ProxyError(504, "too slow"), "timeout_error"),
+])
+async def test_an_error_after_the_first_event_ends_the_stream(error: ProxyError, kind: str) -> None:
+    events = await run([chunk({"content": "par"}), sse.error_event(error.body())])
+    assert [n for n, _ in events] == ["message_start", "content_block_start", "content_block_delta", "error"]
+    assert events[-1][1] == {"type": "error", "error": {"type": kind, "message": error.message}}
+
+
+async def test_closing_the_stream_early_closes_the_gateway_relay() -> None:
+    """A client that leaves mid-stream: the relay's cleanup (after-call hooks, the upstream
+    response) must still run."""
+    closed = []
+
+    async def relay() -> AsyncIterator[bytes]:
+        try:
+            yield chunk({"content": "a"})
+            yield chunk({"content": "b"})
+            yield sse.DONE
+        finally:
+            closed.append(True)
+
+    stream = EGRESS.stream(make_call(stream=True), relay())
+    first = await anext(stream)
+    assert first.startswith(b"event: message_start")
+    await stream.aclose()  # type: ignore[attr-defined]
+    assert closed == [True]
