@@ -29,6 +29,7 @@ BUILTINS = {
     "openai": "aiproxy.builtin.openai",
     "ollama": "aiproxy.builtin.ollama",
     "mock": "aiproxy.builtin.mock",
+    "messages": "aiproxy.builtin.messages",
 }
 ENTRY_POINT_GROUP = "aiproxy"
 
