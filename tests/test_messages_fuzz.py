@@ -61,7 +61,7 @@ bodies = st.fixed_dictionaries(
                   optional={"name": mostly(st.text(max_size=8)),
                             "disable_parallel_tool_use": json_values})),
               "stream": mostly(st.booleans()), "thinking": json_values, "mock": json_values,
-              "service_tier": json_values})
+              "service_tier": json_values, "output_config": json_values})
 PATHS = st.sampled_from(["/v1/messages", "/v1/messages/count_tokens"])
 
 

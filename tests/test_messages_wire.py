@@ -173,6 +173,16 @@ def test_anthropic_only_fields_are_dropped_and_unknown_ones_pass() -> None:
     assert out["mock"] == {"tokens": 3}
 
 
+def test_output_config_becomes_response_format_and_reasoning_effort() -> None:
+    schema = {"type": "object", "properties": {"answer": {"type": "string"}}, "required": ["answer"]}
+    out = chat(messages=[{"role": "user", "content": "x"}],
+               output_config={"format": {"type": "json_schema", "schema": schema}, "effort": "max"})
+    assert out["response_format"] == {"type": "json_schema",
+                                      "json_schema": {"name": "output", "schema": schema}}
+    assert out["reasoning_effort"] == "xhigh"
+    assert "output_config" not in out
+
+
 def test_count_tokens_needs_no_max_tokens() -> None:
     out = to_chat({"model": "m", "messages": [{"role": "user", "content": "x"}]}, count_only=True)
     assert out == {"model": "m", "messages": [{"role": "user", "content": "x"}]}
@@ -228,6 +238,10 @@ INVALID = [
      "tools.0.type"),
     ({**BASE, "messages": USER, "tool_choice": "auto"}, "tool_choice"),
     ({**BASE, "messages": USER, "tool_choice": {"type": "tool"}}, "tool_choice.name"),
+    ({**BASE, "messages": USER, "output_config": "json"}, "output_config"),
+    ({**BASE, "messages": USER, "output_config": {"format": {"type": "json_schema"}}},
+     "output_config.format"),
+    ({**BASE, "messages": USER, "output_config": {"effort": "extreme"}}, "output_config.effort"),
 ]
 
 

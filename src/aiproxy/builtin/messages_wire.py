@@ -15,6 +15,8 @@ style, ``messages.1.content.0.source``) and builds the OpenAI chat request:
 - ``tools`` (client tools, ``input_schema``) → function tools; ``tool_choice`` auto /
   any / tool / none → ``auto`` / ``required`` / a named function / ``none``, and
   ``disable_parallel_tool_use`` → ``parallel_tool_calls: false``;
+- ``output_config``: ``format`` (a JSON schema) → ``response_format`` ``json_schema``,
+  ``effort`` → ``reasoning_effort`` (``max`` → ``xhigh``);
 - ``max_tokens``, ``temperature``, ``top_p``, ``stop_sequences`` (→ ``stop``),
   ``metadata.user_id`` (→ ``user``) and ``stream`` (which also asks for stream usage)
   carry over; ``top_k``, ``thinking`` and Anthropic-only options are dropped (a debug
@@ -37,12 +39,14 @@ ROLES = ("user", "assistant", "system")
 #: Anthropic request fields with no OpenAI counterpart: dropped, with a debug log line.
 DROPPED = frozenset((
     "top_k", "thinking", "cache_control", "container", "diagnostics", "inference_geo",
-    "output_config", "service_tier", "speed", "user_profile_id", "workspace_id", "mcp_servers",
+    "service_tier", "speed", "user_profile_id", "workspace_id", "mcp_servers",
     "context_management", "betas",
 ))
 #: Anthropic fields this module translates; every other field passes through.
 HANDLED = frozenset(("model", "messages", "max_tokens", "system", "stop_sequences", "stream",
-                     "temperature", "top_p", "tools", "tool_choice", "metadata")) | DROPPED
+                     "temperature", "top_p", "tools", "tool_choice", "metadata",
+                     "output_config")) | DROPPED
+EFFORTS = {"low": "low", "medium": "medium", "high": "high", "xhigh": "xhigh", "max": "xhigh"}
 IMAGE_TYPES = ("image/jpeg", "image/png", "image/gif", "image/webp")
 MAX_STOP = 4  # what OpenAI-compatible upstreams accept
 
@@ -113,6 +117,8 @@ def to_chat(body: dict[str, Any], *, count_only: bool = False) -> dict[str, Any]
     choice = body.get("tool_choice")
     if choice is not None:
         _tool_choice(choice, out)
+    if body.get("output_config") is not None:
+        _output_config(body["output_config"], out)
     dropped = []
     for key, value in body.items():
         if key not in HANDLED:
@@ -370,3 +376,21 @@ def _tool_choice(choice: Any, out: dict[str, Any]) -> None:
         raise _bad("tool_choice", "must be an object whose 'type' is auto, any, tool or none")
     if kind != "none" and choice.get("disable_parallel_tool_use") is True and out.get("tools"):
         out["parallel_tool_calls"] = False
+
+
+def _output_config(config: Any, out: dict[str, Any]) -> None:
+    """``format`` (a JSON schema) → ``response_format``; ``effort`` → ``reasoning_effort``."""
+    if not isinstance(config, dict):
+        raise _bad("output_config", f"must be an object, got {_kind(config)}")
+    fmt = config.get("format")
+    if fmt is not None:
+        schema = fmt.get("schema") if isinstance(fmt, dict) else None
+        if not isinstance(schema, dict) or fmt.get("type") != "json_schema":
+            raise _bad("output_config.format", 'must be {"type": "json_schema", "schema": {...}}')
+        out["response_format"] = {"type": "json_schema",
+                                  "json_schema": {"name": "output", "schema": schema}}
+    effort = config.get("effort")
+    if effort is not None:
+        if effort not in EFFORTS:
+            raise _bad("output_config.effort", f"must be one of {', '.join(EFFORTS)}, got {effort!r}")
+        out["reasoning_effort"] = EFFORTS[effort]
