@@ -42,10 +42,19 @@ def main(argv: Sequence[str] | None = None) -> int:
     plugins = sub.add_parser("plugins", help="list loaded plugins and the hooks each implements")
     plugins.add_argument("--config")
 
+    db = sub.add_parser("db", help="the database: upgrade its schema, show its revision")
+    db.add_argument("action", choices=["upgrade", "current"])
+    db.add_argument("--config")
+    db.add_argument("--url", help="override database.url")
+
     args = parser.parse_args(argv)
     try:
         if args.command == "serve":
             return _serve(args)
+        if args.command == "db":
+            from aiproxy.storage import commands
+
+            return commands.run(args.action, _load(args.config), args.url)
         if args.command == "check-config":
             return _check(args)
         return _plugins(args)
@@ -80,6 +89,15 @@ def _serve(args: argparse.Namespace) -> int:
               "can reach it could spend your provider keys. Set AIPROXY_MASTER_KEY (or "
               "server.master_key), or listen on 127.0.0.1.", file=sys.stderr)
         return 2
+    if config.database_url:  # unreachable or behind: say so now, not in a startup traceback
+        import asyncio
+
+        from aiproxy.storage.commands import migrate_on_start, prepare
+
+        problem = asyncio.run(prepare(config.database_url, upgrade=migrate_on_start(config)))
+        if problem:
+            print(f"aiproxy: {problem}", file=sys.stderr)
+            return 2
     common = dict(host=host, port=port, log_level=level, access_log=server.access_log,
                   loop="auto", http="auto", lifespan="on", timeout_graceful_shutdown=30,
                   server_header=False)

@@ -284,7 +284,7 @@ class _Validator:
         providers = self.providers(data.get("providers"))
         models = self.models(data.get("models"), providers)
         database = self.mapping(data.get("database"), "database")
-        self.only(database, "database", ("url", "echo", "pool_size"))
+        self.only(database, "database", ("url", "echo", "pool_size", "migrate_on_start"))
         redis = self.mapping(data.get("redis"), "redis")
         self.only(redis, "redis", ("url", "prefix"))
         sections = {k: v for k, v in data.items() if k not in _CORE_SECTIONS}

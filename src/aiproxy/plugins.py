@@ -25,6 +25,9 @@ log = logging.getLogger("aiproxy.plugins")
 
 #: Built-in plugins, registered exactly as third-party ones are; name → module.
 BUILTINS = {
+    # pluggy calls the last registered first: "auth" (the master key) is asked before
+    # "keys" (virtual keys), and "database" starts before "keys" and stops after it.
+    "database": "aiproxy.builtin.database",
     "auth": "aiproxy.builtin.auth",
     "openai": "aiproxy.builtin.openai",
     "ollama": "aiproxy.builtin.ollama",
