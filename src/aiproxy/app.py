@@ -48,7 +48,9 @@ def create_app(config: Config, *, transport: httpx.AsyncBaseTransport | None = N
     async def lifespan(app: Starlette) -> AsyncIterator[None]:
         http = build_client(transport)
         providers, disabled = build_providers(config, kinds, http)
-        app.state.gateway = Gateway(config, hooks, Router(config.models, providers, disabled))
+        router = Router(config.models, providers, disabled, redis_url=config.redis_url,
+                        redis_prefix=str(config.section("redis").get("prefix") or "aiproxy:"))
+        app.state.gateway = Gateway(config, hooks, router)
         starters = hooks.implementers("aiproxy_startup")
         started: set[str] = set()
         try:
@@ -70,6 +72,7 @@ def create_app(config: Config, *, transport: httpx.AsyncBaseTransport | None = N
                 except Exception:
                     log.exception("closing provider %r failed", provider.name)
             await http.aclose()
+            await router.aclose()
 
     app = Starlette(routes=routes, lifespan=lifespan, exception_handlers={
         HTTPException: _http_exception,

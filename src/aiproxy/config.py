@@ -17,6 +17,9 @@ from typing import Any
 
 import yaml
 
+from aiproxy.routing.settings import KEYS as ROUTING_KEYS
+from aiproxy.routing.settings import RouteSettings, check_models, parse_routing
+
 _VAR = re.compile(r"\$\$|\$\{([A-Za-z_][A-Za-z0-9_]*)(?::-([^}]*))?\}")
 
 DEFAULT_MAX_BODY = 16 * 1024 * 1024
@@ -40,13 +43,16 @@ class Timeouts:
     read: float | None = None
     write: float | None = None
     pool: float | None = None
+    first_token: float | None = None  # a stream's first event (routing retries on it)
+    idle: float | None = None  # between stream events, once the first has gone out
+    total: float | None = None  # one attempt, start to end
 
     def over(self, base: Timeouts) -> Timeouts:
         return Timeouts(*(mine if mine is not None else theirs
                           for mine, theirs in zip(self.astuple(), base.astuple(), strict=True)))
 
     def astuple(self) -> tuple[float | None, ...]:
-        return (self.connect, self.read, self.write, self.pool)
+        return (self.connect, self.read, self.write, self.pool, self.first_token, self.idle, self.total)
 
 
 DEFAULT_TIMEOUTS = Timeouts(connect=5.0, read=600.0, write=60.0, pool=10.0)
@@ -87,6 +93,7 @@ class ModelConfig:
     options: dict[str, Any] = field(default_factory=dict)
     extra: dict[str, Any] = field(default_factory=dict)  # keys for stage plugins
     index: int = 0  # position in models:, for messages
+    routing: RouteSettings = field(default_factory=RouteSettings)  # id, weight, pool knobs
 
 
 @dataclass(slots=True)
@@ -272,9 +279,10 @@ class _Validator:
             return Timeouts()
         if not isinstance(value, dict):  # one number: the read timeout, the one people mean
             return Timeouts(read=self.number(value, path, float, minimum=0.001))
-        self.only(value, path, ("connect", "read", "write", "pool"))
+        keys = ("connect", "read", "write", "pool", "first_token", "idle", "total")
+        self.only(value, path, keys)
         return Timeouts(**{k: self.number(value.get(k), f"{path}.{k}", float, minimum=0.001)
-                           for k in ("connect", "read", "write", "pool")})
+                           for k in keys})
 
     # sections -----------------------------------------------------------
     def config(self, raw: Any, base_dir: Path) -> Config:
@@ -378,7 +386,7 @@ class _Validator:
                 self.err(f"{path}.provider", f"no provider named {provider!r} (providers: {known})")
             if name is not None and name.count("*") > 1:
                 self.err(f"{path}.name", "at most one '*' wildcard is allowed")
-            known_keys = ("name", "provider", "model", "timeout", "options")
+            known_keys = ("name", "provider", "model", "timeout", "options", *ROUTING_KEYS)
             out.append(ModelConfig(
                 name=name or "", provider=provider or "",
                 model=self.string(data.get("model"), f"{path}.model"),
@@ -386,7 +394,9 @@ class _Validator:
                 options=self.mapping(data.get("options"), f"{path}.options"),
                 extra={k: v for k, v in data.items() if k not in known_keys},
                 index=i,
+                routing=parse_routing(self, data, path),
             ))
+        check_models(self, out)
         return out
 
 

@@ -139,7 +139,7 @@ class Gateway:
     async def admit(self, call: Call) -> None:
         """Route, check model access, run the before-call stages (after authenticate)."""
         principal = call.principal or ANONYMOUS
-        deployment = self.router.pick(call.model)
+        deployment = self.router.pick(call.model, principal)  # the first attempt's
         allowed = principal.allowed_models
         if allowed is not None and call.model not in allowed:
             raise ProxyError(403, f"This key may not use the model '{call.model}'.", param="model",
@@ -152,10 +152,7 @@ class Gateway:
     async def _whole(self, call: Call) -> Response:
         reply = await self._cached(call)
         if reply is None:
-            assert call.deployment is not None
-            call.attempts += 1
-            method = getattr(call.deployment.provider, _WHOLE[call.operation])
-            reply = await method(call, call.deployment)
+            reply = await self.router.whole(call, _WHOLE[call.operation])
             call.response = reply.data
             if call.usage is None:
                 call.usage = Usage.from_openai(reply.data.get("usage"))
@@ -182,20 +179,15 @@ class Gateway:
         events: AsyncIterator[bytes]
         if reply is not None:
             events = _replay(reply, call.include_usage)
+            first: bytes | None = await anext(events, None)
         else:
-            assert call.deployment is not None
             method = _STREAMED.get(call.operation)
             if method is None:
                 raise ProxyError(400, f"'stream' is not supported for {call.operation} requests",
                                  param="stream")
-            call.attempts += 1
-            events = getattr(call.deployment.provider, method)(call, call.deployment)
-        # Wait for the first event before answering: a failure up to here is still a
-        # proper HTTP error (and, later, a retry), not a 200 with an error inside.
-        try:
-            first: bytes | None = await anext(events)
-        except StopAsyncIteration:
-            first = None
+            # The router waits for the first event before we answer: a failure up to there
+            # is retried, fallen back, or a proper HTTP error — not a 200 with an error inside.
+            first, events = await self.router.stream(call, method)
         headers = {**call.response_headers, **_STREAM_HEADERS, "x-request-id": call.request_id}
         relay = self._relay(call, first, events)
         if call.egress is not None:
