@@ -9,7 +9,7 @@ import sys
 from collections.abc import Sequence
 from pathlib import Path
 
-from aiproxy import __version__
+from aiproxy import __version__, cli_manage
 from aiproxy.config import Config, ConfigError, is_loopback, load_config
 
 CONFIG_ENV = "AIPROXY_CONFIG"
@@ -46,6 +46,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     db.add_argument("action", choices=["upgrade", "current"])
     db.add_argument("--config")
     db.add_argument("--url", help="override database.url")
+    cli_manage.add_parsers(sub)  # keys, tenants, users
 
     args = parser.parse_args(argv)
     try:
@@ -55,6 +56,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             from aiproxy.storage import commands
 
             return commands.run(args.action, _load(args.config), args.url)
+        if args.command in cli_manage.COMMANDS:
+            return cli_manage.run(args, _load(args.config))
         if args.command == "check-config":
             return _check(args)
         return _plugins(args)
