@@ -127,6 +127,18 @@ def test_stream_matches_the_whole_answer_and_ends_with_usage(client: openai.Open
     assert all(c.usage is None for c in chunks[:-1])
 
 
+def test_completion_whole_and_streamed(client: openai.OpenAI) -> None:
+    r = client.completions.create(model="gemini-fake", prompt="Once upon a time")
+    assert r.object == "text_completion" and r.choices[0].text.strip()
+    assert r.choices[0].finish_reason == "stop"
+    assert r.usage is not None and r.usage.completion_tokens == 6
+    with client.completions.create(model="gemini-fake", prompt="Once upon a time", stream=True,
+                                   stream_options={"include_usage": True}) as stream:
+        chunks = list(stream)
+    assert "".join(c.choices[0].text for c in chunks if c.choices) == r.choices[0].text
+    assert chunks[-1].usage is not None and chunks[-1].usage.completion_tokens == 6
+
+
 def test_max_tokens_and_sampling_reach_gemini(proxy: Proxy, client: openai.OpenAI) -> None:
     marker = _marker()
     r = client.chat.completions.create(model="gemini-fake", messages=[{"role": "user", "content": marker}],

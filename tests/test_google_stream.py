@@ -291,3 +291,43 @@ async def test_an_echoed_key_is_scrubbed(gclient, caplog):
         assert r.status_code == 404
         assert_no_secret(r, GOOGLE_KEY)
     assert GOOGLE_KEY not in caplog.text
+
+
+# ------------------------------------------------------------ legacy text completions
+async def test_completion_is_one_user_turn_and_a_text_completion(gclient):
+    http, upstream = gclient
+    route = upstream.post(GENERATE).respond(200, json=fixture("generate_two_candidates.json"))
+    r = await http.post("/v1/completions", json={"model": "gemini-test", "prompt": ["Once upon"],
+                                                 "max_tokens": 3, "n": 2, "best_of": 1, "temperature": 0})
+    assert r.status_code == 200, r.text
+    assert sent(route) == {"contents": [{"role": "user", "parts": [{"text": "Once upon"}]}],
+                           "generationConfig": {"maxOutputTokens": 3, "temperature": 0, "candidateCount": 2}}
+    data = r.json()
+    assert data["object"] == "text_completion" and data["id"] == "cmpl-two-cands"
+    assert [(c["index"], c["text"], c["finish_reason"]) for c in data["choices"]] == [
+        (0, "First.", "stop"), (1, "Second, cut", "length")]
+    assert data["usage"] == {"prompt_tokens": 5, "completion_tokens": 6, "total_tokens": 11}
+
+
+async def test_completion_stream_in_text_chunks_with_usage(gclient):
+    http, upstream = gclient
+    stream_route(upstream, sse_fixture("stream_text.sse"))
+    r = await http.post("/v1/completions", json={"model": "gemini-test", "prompt": "Hi", "stream": True,
+                                                 "stream_options": {"include_usage": True}})
+    chunks = sse_events(r.text)[:-1]
+    assert {c["object"] for c in chunks} == {"text_completion"}
+    assert {c["id"] for c in chunks} == {"cmpl-stream-1"}
+    assert "".join(c["choices"][0]["text"] for c in chunks if c["choices"]) == "Hello there."
+    assert [c["choices"][0]["finish_reason"] for c in chunks if c["choices"]][-1] == "stop"
+    assert chunks[-1]["choices"] == [] and chunks[-1]["usage"]["total_tokens"] == 25
+
+
+@pytest.mark.parametrize(("extra", "param"), [
+    ({"suffix": "end"}, "suffix"), ({"echo": True}, "echo"), ({"best_of": 2}, "best_of"),
+    ({"prompt": ["a", "b"]}, "prompt"), ({"prompt": [1, 2]}, "prompt")])
+async def test_completion_fields_gemini_cannot_honour_are_400(gclient, extra, param):
+    http, upstream = gclient
+    route = upstream.post(GENERATE).respond(200, json=fixture("generate_text.json"))
+    r = await http.post("/v1/completions", json={"model": "gemini-test", "prompt": "x", **extra})
+    assert r.status_code == 400 and error_of(r)["param"] == param
+    assert not route.called

@@ -21,7 +21,7 @@ import httpx
 
 from aiproxy import hookimpl, sse, wire
 from aiproxy.builtin import google_reply as reply
-from aiproxy.builtin.google_wire import chat_body, embed_parts, model_path
+from aiproxy.builtin.google_wire import chat_body, completion_body, embed_parts, model_path
 from aiproxy.call import Usage
 from aiproxy.provider import Reply
 from aiproxy.upstream import HTTPProvider, error_message, invalid_response, parse_json, transport_error
@@ -79,11 +79,24 @@ class GoogleProvider(HTTPProvider):
     def chat_stream(self, call: Call, deployment: Deployment) -> AsyncIterator[bytes]:
         body = chat_body(call.body)  # a bad request fails before anything is sent
         request = self.build(call, deployment, self._path(call, "streamGenerateContent?alt=sse"), body)
-        return self._events(call, request)
+        return self._events(call, request, reply.Chunks(call.upstream_model))
 
-    async def _events(self, call: Call, request: httpx.Request) -> AsyncIterator[bytes]:
+    async def completion(self, call: Call, deployment: Deployment) -> Reply:
+        body = completion_body(call.body)
+        data, _ = await self.post_json(call, deployment, self._path(call, "generateContent"), body)
+        out = reply.text_completion(data, call.upstream_model)
+        if not out["choices"]:
+            raise invalid_response(self.name, "no candidates")
+        call.usage = Usage.from_openai(out.get("usage"))
+        return Reply(out)
+
+    def completion_stream(self, call: Call, deployment: Deployment) -> AsyncIterator[bytes]:
+        body = completion_body(call.body)
+        request = self.build(call, deployment, self._path(call, "streamGenerateContent?alt=sse"), body)
+        return self._events(call, request, reply.Chunks(call.upstream_model, text=True))
+
+    async def _events(self, call: Call, request: httpx.Request, chunks: reply.Chunks) -> AsyncIterator[bytes]:
         """Each upstream event out as OpenAI chunks the moment it arrives."""
-        chunks = reply.Chunks(call.upstream_model)
         async with self.streaming(request) as response:
             async for data in sse.data_events(response.aiter_bytes()):
                 event = parse_json(self.name, data)
@@ -99,7 +112,7 @@ class GoogleProvider(HTTPProvider):
         if not chunks.finished:
             raise invalid_response(self.name, "the stream ended before its finish reason")
         if call.include_usage and chunks.usage is not None:
-            yield sse.event(chunks.chunk(usage=chunks.usage))
+            yield sse.event(chunks.usage_chunk())
 
     # ------------------------------------------------------------ embeddings, tokens, models
     async def embedding(self, call: Call, deployment: Deployment) -> Reply:

@@ -60,9 +60,9 @@ def check_prompt(data: dict[str, Any]) -> None:
                          code="content_filter", param="messages")
 
 
-def response_id(data: dict[str, Any]) -> str:
+def response_id(data: dict[str, Any], prefix: str = "chatcmpl") -> str:
     rid = data.get("responseId")
-    return f"chatcmpl-{rid}" if isinstance(rid, str) and rid else wire.new_id("chatcmpl")
+    return f"{prefix}-{rid}" if isinstance(rid, str) and rid else wire.new_id(prefix)
 
 
 def created(data: dict[str, Any]) -> int:
@@ -125,6 +125,18 @@ def chat_completion(data: dict[str, Any], model: str) -> dict[str, Any]:
     return out
 
 
+def text_completion(data: dict[str, Any], model: str) -> dict[str, Any]:
+    """A whole ``GenerateContentResponse`` as a legacy ``text_completion``."""
+    check_prompt(data)
+    choices = [{"index": _index(c, pos), "text": read_parts(c)[0], "logprobs": None,
+                "finish_reason": finish_reason(c, False)}
+               for pos, c in enumerate(data.get("candidates") or [])]
+    out = wire.text_completion(id=response_id(data, "cmpl"), model=model, text="", finish_reason=None,
+                               usage=usage(data.get("usageMetadata")), created=created(data))
+    out["choices"] = choices
+    return out
+
+
 def _index(candidate: dict[str, Any], pos: int) -> int:
     index = candidate.get("index")
     return index if type(index) is int else pos
@@ -135,10 +147,12 @@ class Chunks:
 
     Tool calls get indexes that count up per choice across the whole stream; Gemini sends
     each call whole, so a call is one delta with its id, name and all its arguments.
+    With ``text``, the chunks are legacy ``text_completion`` ones.
     """
 
-    def __init__(self, model: str) -> None:
+    def __init__(self, model: str, text: bool = False) -> None:
         self.model = model
+        self.text = text
         self.id = ""
         self.created = 0
         self.usage: dict[str, Any] | None = None
@@ -149,7 +163,7 @@ class Chunks:
     def feed(self, data: dict[str, Any]) -> list[dict[str, Any]]:
         if not self.events:
             check_prompt(data)  # before the first byte: an ordinary 400
-            self.id, self.created = response_id(data), created(data)
+            self.id, self.created = response_id(data, "cmpl" if self.text else "chatcmpl"), created(data)
         self.events += 1
         if data.get("usageMetadata") is not None:
             self.usage = usage(data["usageMetadata"])
@@ -157,6 +171,10 @@ class Chunks:
         for pos, candidate in enumerate(data.get("candidates") or []):
             index = _index(candidate, pos)
             text, thoughts, calls = read_parts(candidate)
+            if self.text:
+                self.tools.setdefault(index, 0)
+                out.extend(self._text(index, text, candidate.get("finishReason")))
+                continue
             delta: dict[str, Any] = {}
             if index not in self.tools:
                 self.tools[index] = 0
@@ -177,8 +195,27 @@ class Chunks:
                                       finish_reason=finish_reason(candidate, self.tools[index] > 0)))
         return out
 
+    def _text(self, index: int, text: str, finish: Any) -> list[dict[str, Any]]:
+        out = []
+        if text:
+            out.append(wire.text_chunk(id=self.id, model=self.model, created=self.created, text=text))
+        if finish:
+            self.finished.add(index)
+            out.append(wire.text_chunk(id=self.id, model=self.model, created=self.created, text="",
+                                       finish_reason=finish_reason({"finishReason": finish}, False)))
+        for chunk in out:
+            chunk["choices"][0]["index"] = index
+        return out
+
     def chunk(self, **fields: Any) -> dict[str, Any]:
         return wire.chat_chunk(id=self.id, model=self.model, created=self.created, **fields)
+
+    def usage_chunk(self) -> dict[str, Any]:
+        """The last chunk, for a client that asked for usage."""
+        if self.text:
+            return wire.text_chunk(id=self.id, model=self.model, created=self.created, text="",
+                                   usage=self.usage)
+        return self.chunk(usage=self.usage)
 
 
 # ------------------------------------------------------------ errors

@@ -37,6 +37,10 @@ REJECTED = {
     "function_call": "use 'tool_choice'",
     "prediction": "Gemini has no predicted outputs",
 }
+COMPLETION_HANDLED = (HANDLED - {"messages", "tools", "tool_choice"}) | {"prompt"}
+COMPLETION_REJECTED = {**REJECTED, "suffix": "Gemini does not fill in the middle",
+                       "echo": "Gemini does not echo the prompt",
+                       "best_of": "Gemini does not rank several answers"}
 #: Keys of the ``google`` extra-body object set verbatim on the request.
 PASSED = frozenset(("safetySettings", "cachedContent", "labels"))
 
@@ -51,12 +55,7 @@ def model_path(model: str) -> str:
 
 def chat_body(body: dict[str, Any]) -> dict[str, Any]:
     """A ``generateContent`` request for the OpenAI chat request ``body``."""
-    for key, value in body.items():
-        if key in HANDLED or value is None or value is False or value == {} or value == []:
-            continue
-        if key in REJECTED:
-            raise invalid(f"'{key}' is not supported by the google provider: {REJECTED[key]}", key)
-        log.debug("google: dropping field %r, which Gemini has no equivalent for", key)
+    _check_fields(body, HANDLED, REJECTED)
     system, contents = _contents(body["messages"])
     out: dict[str, Any] = {"contents": contents}
     if system:
@@ -64,6 +63,35 @@ def chat_body(body: dict[str, Any]) -> dict[str, Any]:
     tools = body.get("tools")
     if tools:
         out.update(_tools(tools, body.get("tool_choice")))
+    return _finish(body, out)
+
+
+def completion_body(body: dict[str, Any]) -> dict[str, Any]:
+    """A ``generateContent`` request for a legacy text completion: the prompt as one user turn."""
+    _check_fields(body, COMPLETION_HANDLED, COMPLETION_REJECTED)
+    prompt = body.get("prompt")
+    if isinstance(prompt, list) and len(prompt) == 1:
+        prompt = prompt[0]
+    if not isinstance(prompt, str) or not prompt:
+        raise invalid("Gemini takes one text prompt: 'prompt' must be a non-empty string or an array "
+                      "of one string, not token ids or a batch", "prompt")
+    return _finish(body, {"contents": [{"role": "user", "parts": [{"text": prompt}]}]})
+
+
+def _check_fields(body: dict[str, Any], handled: frozenset[str], rejected: dict[str, str]) -> None:
+    """A 400 for a field Gemini cannot honour; a debug line for one it has no use for."""
+    for key, value in body.items():
+        if key in handled or value is None or value is False or value == {} or value == []:
+            continue
+        if key == "best_of" and value == 1:
+            continue
+        if key in rejected:
+            raise invalid(f"'{key}' is not supported by the google provider: {rejected[key]}", key)
+        log.debug("google: dropping field %r, which Gemini has no equivalent for", key)
+
+
+def _finish(body: dict[str, Any], out: dict[str, Any]) -> dict[str, Any]:
+    """``generationConfig`` and the ``google`` extra-body object."""
     config = _generation(body)
     extra = body.get("google")
     if extra is not None:
