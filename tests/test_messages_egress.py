@@ -253,3 +253,34 @@ async def test_closing_the_stream_early_closes_the_gateway_relay() -> None:
     assert first.startswith(b"event: message_start")
     await stream.aclose()  # type: ignore[attr-defined]
     assert closed == [True]
+
+
+# ---------------------------------------------------------------- thinking
+def thinking_call(**body: Any) -> Call:
+    call = make_call(**body)
+    call.state["messages"] = {"thinking": {"type": "enabled", "budget_tokens": 2048}}
+    return call
+
+
+def test_reasoning_becomes_a_thinking_block_only_when_asked() -> None:
+    data = completion({"role": "assistant", "content": "42", "reasoning_content": "6 times 7"}, "stop")
+    asked = whole(data, thinking_call())
+    assert asked["content"] == [{"type": "thinking", "thinking": "6 times 7", "signature": ""},
+                                {"type": "text", "text": "42"}]
+    assert whole(data)["content"] == [{"type": "text", "text": "42"}]
+
+
+async def test_streamed_reasoning_then_text() -> None:
+    events = [chunk({"role": "assistant", "reasoning_content": "six"}),
+              chunk({"reasoning_content": " sevens"}),
+              chunk({"content": "42"}), chunk({}, "stop"), chunk(usage=USAGE), sse.DONE]
+    asked = await run(events, thinking_call(stream=True))
+    check_order(asked)
+    starts = [d["content_block"]["type"] for n, d in asked if n == "content_block_start"]
+    assert starts == ["thinking", "text"]
+    deltas = [(d["index"], d["delta"]) for n, d in asked if n == "content_block_delta"]
+    assert deltas == [(0, {"type": "thinking_delta", "thinking": "six"}),
+                      (0, {"type": "thinking_delta", "thinking": " sevens"}),
+                      (1, {"type": "text_delta", "text": "42"})]
+    plain = await run(events)
+    assert [d["content_block"]["type"] for n, d in plain if n == "content_block_start"] == ["text"]

@@ -1,6 +1,7 @@
 """The gateway's OpenAI-shaped answers, rewritten as Anthropic Messages answers at the edge.
 
-- a whole ``chat.completion`` → a ``Message``: text and ``tool_use`` blocks (arguments
+- a whole ``chat.completion`` → a ``Message``: thinking (an upstream's reasoning, when
+  the client turned ``thinking`` on; unsigned), text and ``tool_use`` blocks (arguments
   parsed into ``input``), the model name the client sent, ``stop_reason`` from
   ``finish_reason`` (stop → end_turn, or stop_sequence when the upstream names the stop
   string it hit, as vLLM does; length → max_tokens; tool_calls → tool_use;
@@ -102,6 +103,18 @@ def tool_input(arguments: Any) -> dict[str, Any]:
     return {"_raw_arguments": arguments}
 
 
+def wants_thinking(call: Call) -> bool:
+    """Did the client turn thinking on? Only then is an upstream's reasoning sent as thinking."""
+    thinking = call.state.get("messages", {}).get("thinking")
+    return isinstance(thinking, dict) and thinking.get("type") not in (None, "disabled")
+
+
+def _reasoning(message: dict[str, Any]) -> str:
+    """The reasoning text of a message or delta (``reasoning_content``, or ``reasoning``)."""
+    value = message.get("reasoning_content") or message.get("reasoning")
+    return value if isinstance(value, str) else ""
+
+
 def message(call: Call, data: dict[str, Any]) -> dict[str, Any]:
     """The Anthropic ``Message`` for an OpenAI ``chat.completion``."""
     choices = data.get("choices")
@@ -109,6 +122,9 @@ def message(call: Call, data: dict[str, Any]) -> dict[str, Any]:
     msg = choice.get("message")
     msg = msg if isinstance(msg, dict) else {}
     content: list[dict[str, Any]] = []
+    reasoning = _reasoning(msg) if wants_thinking(call) else ""
+    if reasoning:  # no signature: this gateway drops thinking blocks sent back to it
+        content.append({"type": "thinking", "thinking": reasoning, "signature": ""})
     text = _text(msg.get("content")) or _text(msg.get("refusal"))
     if text:
         content.append({"type": "text", "text": text})
@@ -175,7 +191,8 @@ class _StreamWriter:
         self.ended = False
         self.next_index = 0
         self.open: int | None = None  # the index of the open content block
-        self.text_block: int | None = None  # the open block, when it is text
+        self.kind: str | None = None  # its type: text, thinking or tool_use
+        self.thinking = wants_thinking(call)
         self.tools: dict[int, int] = {}  # OpenAI tool-call index → block index
         self.reason: tuple[str, str | None] = ("end_turn", None)
         self.usage: dict[str, int] | None = None
@@ -236,14 +253,12 @@ class _StreamWriter:
     def _choice(self, choice: dict[str, Any], out: list[bytes]) -> None:
         delta = choice.get("delta")
         if isinstance(delta, dict):
+            reasoning = _reasoning(delta) if self.thinking else ""
+            if reasoning:
+                self._delta("thinking", {"type": "thinking_delta", "thinking": reasoning}, out)
             text = delta.get("content") or delta.get("refusal")
             if isinstance(text, str) and text:
-                if self.text_block is None:
-                    self._close(out)
-                    self.text_block = self._open({"type": "text", "text": ""}, out)
-                out.append(event("content_block_delta", {
-                    "type": "content_block_delta", "index": self.text_block,
-                    "delta": {"type": "text_delta", "text": text}}))
+                self._delta("text", {"type": "text_delta", "text": text}, out)
             for tc in delta.get("tool_calls") or []:
                 if isinstance(tc, dict):
                     self._tool_delta(tc, out)
@@ -265,12 +280,23 @@ class _StreamWriter:
             tool_id = str(tc.get("id") or f"toolu_{os.urandom(12).hex()}")
             block = self._open({"type": "tool_use", "id": tool_id, "name": str(fn.get("name") or ""),
                                 "input": {}}, out)
+            self.kind = "tool_use"
             self.tools[position] = block
         arguments = fn.get("arguments")
         if isinstance(arguments, str) and arguments:
             out.append(event("content_block_delta", {
                 "type": "content_block_delta", "index": block,
                 "delta": {"type": "input_json_delta", "partial_json": arguments}}))
+
+    def _delta(self, kind: str, delta: dict[str, Any], out: list[bytes]) -> None:
+        """Add to the open text or thinking block, opening one first when that is not it."""
+        if self.kind != kind:
+            self._close(out)
+            self._open({"type": "text", "text": ""} if kind == "text" else
+                       {"type": "thinking", "thinking": "", "signature": ""}, out)
+            self.kind = kind
+        out.append(event("content_block_delta", {"type": "content_block_delta", "index": self.open,
+                                                 "delta": delta}))
 
     def _open(self, block: dict[str, Any], out: list[bytes]) -> int:
         index = self.next_index
@@ -283,4 +309,4 @@ class _StreamWriter:
     def _close(self, out: list[bytes]) -> None:
         if self.open is not None:
             out.append(event("content_block_stop", {"type": "content_block_stop", "index": self.open}))
-        self.open = self.text_block = None
+        self.open = self.kind = None
