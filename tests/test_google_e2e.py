@@ -264,3 +264,23 @@ def test_server_logged_no_key_and_no_traceback(proxy: Proxy) -> None:
     assert "dropping field 'user'" in log  # debug lines are there: the test above sent a user
     assert "Traceback" not in log and not re.search(r"\bERROR\b", log), log[-4000:]
     assert KEY not in log
+
+
+@pytest.mark.parametrize(("body", "says"), [
+    ({"contents": [{"role": "user", "parts": [{"text": "a"}]}, {"role": "user", "parts": [{"text": "b"}]}]},
+     "alternate"),
+    ({"contents": [{"role": "user", "parts": [{"text": "a"}]},
+                   {"role": "model", "parts": [{"functionCall": {"name": "f", "args": {}}},
+                                               {"functionCall": {"name": "g", "args": {}}}]},
+                   {"role": "user", "parts": [{"functionResponse": {"name": "f", "response": {}}}]}]},
+     "number of function response parts"),
+    ({"contents": [{"role": "user", "parts": [{"text": "a"}]}], "generationConfig": {"maxTokens": 3}},
+     "generationConfig"),
+    ({"contents": [{"role": "user", "parts": [{"text": "a"}]}], "max_tokens": 3},
+     'Unknown name "max_tokens"'),
+    ({"systemInstruction": {"parts": [{"text": "a"}]}}, "contents is not specified"),
+])
+def test_the_fake_refuses_what_gemini_refuses(body: dict[str, Any], says: str) -> None:
+    """The e2e tests above prove something only if the fake is as strict as Gemini."""
+    problem = FakeGemini.check(body)
+    assert problem is not None and says in problem
