@@ -100,6 +100,10 @@ async def test_replicas_starting_together_migrate_once(db_url: str) -> None:
     assert results == [migrate.head()] * 4
 
 
+def test_head_is_the_newest_migration_file() -> None:
+    assert migrate.script_head() == migrate.HEAD
+
+
 def test_urls_are_checked_and_redacted() -> None:
     assert parse_url("sqlite:///./x.db").drivername == "sqlite+aiosqlite"
     assert parse_url("postgresql://u:p@h/db").drivername == "postgresql+asyncpg"

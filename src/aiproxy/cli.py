@@ -129,6 +129,7 @@ def _setup_logging(level: str) -> None:
     quiet = max(logging.WARNING, logging.getLogger().level)
     logging.getLogger("httpx").setLevel(quiet)
     logging.getLogger("httpcore").setLevel(quiet)
+    logging.getLogger("alembic").setLevel(quiet)  # aiproxy.database says what migrated
 
 
 def _check(args: argparse.Namespace) -> int:
