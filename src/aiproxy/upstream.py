@@ -17,6 +17,8 @@ import orjson
 from aiproxy.config import DEFAULT_TIMEOUTS, ProviderConfig, Timeouts
 from aiproxy.errors import ProxyError
 from aiproxy.provider import Provider
+from aiproxy.transport import Transport
+from aiproxy.upstream_client import UpstreamClient
 
 if TYPE_CHECKING:
     from aiproxy.call import Call
@@ -27,11 +29,14 @@ _RATE_HEADERS = ("retry-after", "retry-after-ms")
 
 
 def build_client(transport: httpx.AsyncBaseTransport | None = None) -> httpx.AsyncClient:
-    """The one pooled client for all upstream traffic."""
-    return httpx.AsyncClient(
-        transport=transport,
+    """The one pooled client for all upstream traffic.
+
+    Its network is :class:`aiproxy.transport.Transport` unless ``transport`` replaces it
+    (tests pass ``httpx.MockTransport``); ``bench/`` measured both against httpx's own.
+    """
+    return UpstreamClient(
+        transport=transport or Transport(max_connections=1000, max_keepalive=200, keepalive_expiry=60),
         timeout=to_httpx(DEFAULT_TIMEOUTS),
-        limits=httpx.Limits(max_connections=1000, max_keepalive_connections=200, keepalive_expiry=60),
         follow_redirects=False,
         trust_env=False,  # never route provider traffic through an ambient proxy setting
     )

@@ -1,0 +1,79 @@
+"""The shared upstream client: an ``httpx.AsyncClient`` with a short path for what providers do.
+
+Providers build a request (an absolute URL, headers, bytes, a timeout) and send it.
+For that, ``httpx.AsyncClient`` parses the URL again on every call, merges cookie
+jars and query params nobody set, walks the auth and redirect machinery and extracts
+cookies from every answer: about a third of the gateway's CPU per call before this
+client (see ``bench/RESULTS.md``). Here those calls take a direct path, and anything
+else (``params``, ``json=``, cookies, an auth, event hooks, redirects) goes through
+httpx unchanged, so the client is still an ``httpx.AsyncClient`` in every way a
+provider or a test can tell.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import httpx
+from httpx._client import USE_CLIENT_DEFAULT, UseClientDefault
+from httpx._types import (
+    AuthTypes,
+    CookieTypes,
+    HeaderTypes,
+    QueryParamTypes,
+    RequestContent,
+    RequestData,
+    RequestExtensions,
+    RequestFiles,
+    TimeoutTypes,
+)
+
+_URL_CACHE_SIZE = 1024
+
+
+class UpstreamClient(httpx.AsyncClient):
+    def __init__(self, **kwargs: Any) -> None:
+        super().__init__(**kwargs)
+        self._urls: dict[str, httpx.URL] = {}
+        self._default_headers = {k.lower(): v for k, v in self.headers.items()}
+
+    def build_request(self, method: str, url: httpx.URL | str, *, content: RequestContent | None = None,
+                      data: RequestData | None = None, files: RequestFiles | None = None,
+                      json: Any | None = None, params: QueryParamTypes | None = None,
+                      headers: HeaderTypes | None = None, cookies: CookieTypes | None = None,
+                      timeout: TimeoutTypes | UseClientDefault = USE_CLIENT_DEFAULT,
+                      extensions: RequestExtensions | None = None) -> httpx.Request:
+        if params or not isinstance(url, str) or not isinstance(headers, dict | None) \
+                or data is not None or files is not None or json is not None or cookies is not None \
+                or extensions is not None or self.base_url.raw_host or self.cookies:
+            return super().build_request(method, url, content=content, data=data, files=files, json=json,
+                                         params=params, headers=headers, cookies=cookies, timeout=timeout,
+                                         extensions=extensions)
+        parsed = self._urls.get(url)
+        if parsed is None:
+            if len(self._urls) >= _URL_CACHE_SIZE:
+                self._urls.clear()
+            parsed = self._urls[url] = httpx.URL(url)
+        limits = self.timeout if isinstance(timeout, UseClientDefault) else httpx.Timeout(timeout)
+        merged = {**self._default_headers, **headers} if headers else self._default_headers
+        return httpx.Request(method, parsed, content=content, headers=merged,
+                             extensions={"timeout": limits.as_dict()})
+
+    async def send(self, request: httpx.Request, *, stream: bool = False,
+                   auth: AuthTypes | UseClientDefault | None = USE_CLIENT_DEFAULT,
+                   follow_redirects: bool | UseClientDefault = USE_CLIENT_DEFAULT) -> httpx.Response:
+        hooks = self.event_hooks
+        if auth is not USE_CLIENT_DEFAULT or follow_redirects is not USE_CLIENT_DEFAULT \
+                or self.auth is not None or self.follow_redirects or hooks["request"] or hooks["response"]:
+            return await super().send(request, stream=stream, auth=auth, follow_redirects=follow_redirects)
+        if self.is_closed:
+            raise RuntimeError("Cannot send a request, as the client has been closed.")
+        response = await self._transport_for_url(request.url).handle_async_request(request)
+        response.request = request
+        if not stream:
+            try:
+                await response.aread()
+            except BaseException:
+                await response.aclose()
+                raise
+        return response
