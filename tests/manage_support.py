@@ -7,7 +7,6 @@ fills it with tenants A and B, each with an admin and a member, each with a key.
 
 from __future__ import annotations
 
-import datetime as dt
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
@@ -16,13 +15,9 @@ from typing import Any
 import httpx
 from starlette.applications import Starlette
 
-from aiproxy import hookimpl
 from aiproxy.app import create_app
-from aiproxy.builtin.auth import presented_key
-from aiproxy.call import Call, Principal
 from aiproxy.config import Config
-from aiproxy.plugins import build_plugin_manager
-from aiproxy.storage.keys import KeyStore, hash_key
+from aiproxy.storage.keys import KeyStore
 from tests.conftest import make_config
 
 MASTER = "sk-master-test-9f8e7d6c5b4a"
@@ -61,35 +56,9 @@ class Api:
             "model": model, "messages": [{"role": "user", "content": "hi"}]})
 
 
-class _StoreKeys:
-    """Stand-in for the built-in virtual-key plugin while it is not loaded."""
-
-    def __init__(self) -> None:
-        self.app: Starlette | None = None
-
-    @hookimpl
-    def aiproxy_startup(self, app: Starlette) -> None:
-        self.app = app
-
-    @hookimpl
-    async def aiproxy_authenticate(self, call: Call) -> Principal | None:
-        key = presented_key(call.headers)
-        if self.app is None or not key or not key.startswith("sk-"):
-            return None
-        record = await self.app.state.key_store.lookup_by_hash(hash_key(key))
-        if record is None or record.status(dt.datetime.now(dt.UTC)) != "active":
-            return None
-        return Principal(id=record.id, kind="key", user=record.user_id, tenant=record.tenant_id,
-                         tier=record.tier, roles=(record.role,), allowed_models=record.allowed_models)
-
-
 @asynccontextmanager
 async def manage_app(db_url: str, config: Config | None = None) -> AsyncIterator[Api]:
-    config = config or manage_config(db_url)
-    pm = build_plugin_manager(config)
-    if not pm.has_plugin("keys"):
-        pm.register(_StoreKeys(), name="store_keys")
-    app = create_app(config, plugin_manager=pm)
+    app = create_app(config or manage_config(db_url))
     async with app.router.lifespan_context(app):  # ASGITransport skips lifespan
         async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app),
                                      base_url="http://proxy") as http:

@@ -34,6 +34,7 @@ BUILTINS = {
     "ollama": "aiproxy.builtin.ollama",
     "mock": "aiproxy.builtin.mock",
     "messages": "aiproxy.builtin.messages",
+    "manage": "aiproxy.builtin.manage",
 }
 ENTRY_POINT_GROUP = "aiproxy"
 
