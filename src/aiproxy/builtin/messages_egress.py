@@ -170,8 +170,9 @@ class MessagesEgress:
         payloads = sse.data_events(events)
         try:
             async for data in payloads:  # read to the end: the relay finishes normally
-                for out in writer.feed(data):
-                    yield out
+                out = writer.feed(data)
+                if out:  # what one upstream event became, in one write
+                    yield out[0] if len(out) == 1 else b"".join(out)
         finally:
             # Closing the gateway's relay runs its cleanup (upstream closed, after-call or
             # on-error hooks) even when the client left mid-stream.
