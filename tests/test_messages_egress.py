@@ -284,3 +284,12 @@ async def test_streamed_reasoning_then_text() -> None:
                       (1, {"type": "text_delta", "text": "42"})]
     plain = await run(events)
     assert [d["content_block"]["type"] for n, d in plain if n == "content_block_start"] == ["text"]
+
+
+async def test_tool_calls_with_finish_stop_still_say_tool_use() -> None:
+    """Some servers (Ollama among them) finish with "stop" beside tool calls."""
+    call = {"id": "call_a", "type": "function", "function": {"name": "f", "arguments": "{}"}}
+    out = whole(completion({"role": "assistant", "content": None, "tool_calls": [call]}, "stop"))
+    assert out["stop_reason"] == "tool_use"
+    events = await run([chunk({"tool_calls": [{"index": 0, **call}]}), chunk({}, "stop"), sse.DONE])
+    assert events[-2][1]["delta"]["stop_reason"] == "tool_use"

@@ -135,6 +135,8 @@ def message(call: Call, data: dict[str, Any]) -> dict[str, Any]:
         content.append({"type": "tool_use", "id": str(tc.get("id") or f"toolu_{os.urandom(12).hex()}"),
                         "name": str(fn.get("name") or ""), "input": tool_input(fn.get("arguments"))})
     reason, sequence = stop_reason(call, choice)
+    if reason == "end_turn" and any(b["type"] == "tool_use" for b in content):
+        reason = "tool_use"  # some servers say "stop" beside tool calls; agent loops look for this
     if msg.get("refusal") and not msg.get("content"):
         reason = "refusal"
     return {"id": message_id(), "type": "message", "role": "assistant", "model": call.model,
@@ -239,6 +241,8 @@ class _StreamWriter:
 
     def _end(self) -> bytes:
         reason, sequence = self.reason
+        if reason == "end_turn" and self.tools:
+            reason = "tool_use"
         final = self.usage or (usage(self.call.usage.to_openai()) if self.call.usage else
                                {"input_tokens": 0, "output_tokens": 0})
         return event("message_delta", {
