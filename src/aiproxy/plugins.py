@@ -32,6 +32,7 @@ BUILTINS = {
     "auth": "aiproxy.builtin.auth",
     "openai": "aiproxy.builtin.openai",
     "ollama": "aiproxy.builtin.ollama",
+    "anthropic": "aiproxy.builtin.anthropic",
     "mock": "aiproxy.builtin.mock",
     "messages": "aiproxy.builtin.messages",
     "manage": "aiproxy.builtin.manage",

@@ -4,7 +4,9 @@
   ``/v1/completions``, ``/v1/embeddings``, ``/v1/models``), JSON and SSE;
 - :class:`FakeOllama` speaks Ollama's native API as documented in ollama's
   ``docs/api.md`` (``/api/chat``, ``/api/generate``, ``/api/embed``, ``/api/tags``),
-  JSON and NDJSON, streaming by default as Ollama does.
+  JSON and NDJSON, streaming by default as Ollama does;
+- :class:`FakeAnthropic` speaks Anthropic's Messages API (``/v1/messages``,
+  ``/v1/messages/count_tokens``, ``/v1/models``), JSON and SSE.
 
 Both answer deterministically (the same request gets the same words and counts), and
 record every request (:class:`Recorded`: headers, JSON body, and for a stream whether
@@ -31,8 +33,9 @@ The runner, recording, options and shared content are in :mod:`.server`; each fa
 wire format is in :mod:`.openai` and :mod:`.ollama`.
 """
 
+from .anthropic import FakeAnthropic
 from .ollama import FakeOllama
 from .openai import FakeOpenAI
 from .server import DEFAULTS, WORDS, FakeUpstream, Recorded
 
-__all__ = ["DEFAULTS", "WORDS", "FakeOllama", "FakeOpenAI", "FakeUpstream", "Recorded"]
+__all__ = ["DEFAULTS", "WORDS", "FakeAnthropic", "FakeOllama", "FakeOpenAI", "FakeUpstream", "Recorded"]
