@@ -110,6 +110,9 @@ class Call:
     deployment: Deployment | None = None
     upstream_model: str = ""  # what the deployment asks its upstream for
     upstream_headers: dict[str, str] = field(default_factory=dict)
+    # provider name → API key to use instead of the provider's own (a tenant's, BYOK);
+    # set by a before-call stage, read by HTTPProvider.build; kept out of repr()
+    credentials: dict[str, str] = field(default_factory=dict, repr=False)
     response_headers: dict[str, str] = field(default_factory=dict)
     metadata: dict[str, Any] = field(default_factory=dict)
     state: dict[str, Any] = field(default_factory=dict)

@@ -43,7 +43,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     plugins.add_argument("--config")
 
     db = sub.add_parser("db", help="the database: upgrade its schema, show its revision")
-    db.add_argument("action", choices=["upgrade", "current"])
+    db.add_argument("action", choices=["upgrade", "current", "rotate-encryption-key"])
     db.add_argument("--config")
     db.add_argument("--url", help="override database.url")
     cli_manage.add_parsers(sub)  # keys, tenants, users
@@ -159,7 +159,8 @@ def _check(args: argparse.Namespace) -> int:
         target = m.model or m.name
         print(f"    {m.name} → {m.provider}:{target}")
     loaded = set(app.state.plugin_manager.sources)
-    unused = sorted(k for k in config.sections if k not in loaded and k not in ("database", "redis"))
+    core = ("database", "redis", "security")
+    unused = sorted(k for k in config.sections if k not in loaded and k not in core)
     if unused:
         print(f"  sections no loaded plugin reads (yet): {', '.join(unused)}")
     return 0

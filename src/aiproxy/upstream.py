@@ -7,6 +7,7 @@ echoes in a message never reaches the client.
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import AsyncIterator, Iterable, Mapping
 from contextlib import asynccontextmanager
 from typing import TYPE_CHECKING, Any, ClassVar
@@ -165,10 +166,27 @@ class HTTPProvider(Provider):
         self.headers = {"content-type": "application/json", **self.auth_headers(),
                         **{k.lower(): v for k, v in config.headers.items()}}
         self.params: dict[str, str] | None = None
+        self._credential_headers: dict[str, dict[str, str]] = {}
 
     def auth_headers(self) -> dict[str, str]:
         """Headers that carry ``config.api_key``; none by default."""
         return {}
+
+    def credential_headers(self, api_key: str) -> dict[str, str]:
+        """:meth:`auth_headers` as they would be with ``api_key`` as ``config.api_key``
+        (a tenant's own key, set per call in ``call.credentials``)."""
+        headers = self._credential_headers.get(api_key)
+        if headers is None:
+            own = self.config
+            self.config = dataclasses.replace(own, api_key=api_key)
+            try:
+                headers = self.auth_headers()
+            finally:
+                self.config = own
+            if len(self._credential_headers) >= 1024:
+                self._credential_headers.clear()
+            self._credential_headers[api_key] = headers
+        return headers
 
     def secrets(self) -> tuple[str | None, ...]:
         """Values never to pass on to a client, even when an upstream echoes them."""
@@ -177,6 +195,8 @@ class HTTPProvider(Provider):
     def build(self, call: Call, deployment: Deployment, path: str, body: Any) -> httpx.Request:
         """A POST of ``body`` (a dict, or JSON bytes) to ``path`` under the base URL."""
         headers = self.headers
+        if call.credentials and call.credentials.get(self.name):
+            headers = {**headers, **self.credential_headers(call.credentials[self.name])}
         if call.upstream_headers:
             headers = {**headers, **{k.lower(): v for k, v in call.upstream_headers.items()}}
         content = body if isinstance(body, bytes) else orjson.dumps(body)

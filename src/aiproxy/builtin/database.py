@@ -1,9 +1,11 @@
 """The database: one engine per app for ``database.url``, migrated on start-up.
 
-Puts ``app.state.database`` (the engine) and ``app.state.key_store`` (a
-:class:`~aiproxy.storage.keys.KeyStore`) on the app for the stages and management
-routes that need them; answers readiness with a ``SELECT 1``. With no
-``database.url`` it does nothing: keys then come from config alone.
+Puts ``app.state.database`` (the engine), ``app.state.key_store`` (a
+:class:`~aiproxy.storage.keys.KeyStore`) and ``app.state.credential_store`` (tenants'
+provider keys, :class:`~aiproxy.storage.credentials.CredentialStore`, encrypted with
+``security.encryption_key``) on the app for the stages and management routes;
+answers readiness with a ``SELECT 1``. With no ``database.url`` it does nothing:
+keys then come from config alone.
 """
 
 from __future__ import annotations
@@ -19,6 +21,8 @@ from aiproxy import hookimpl
 from aiproxy.config import Config
 from aiproxy.storage import migrate
 from aiproxy.storage.commands import migrate_on_start
+from aiproxy.storage.credentials import CredentialStore
+from aiproxy.storage.crypto import cipher_from
 from aiproxy.storage.db import create_engine, redact
 from aiproxy.storage.keys import KeyStore
 
@@ -34,6 +38,7 @@ class Database:
         pool = settings.get("pool_size")
         self.pool_size = pool if isinstance(pool, int) and pool > 0 else None
         self.migrate = migrate_on_start(config)
+        self.cipher = cipher_from(config.section("security"))  # a bad ENCRYPTION_KEY stops start-up
         self.engine: Any = None
 
     @hookimpl
@@ -45,6 +50,7 @@ class Database:
             await migrate.upgrade(self.engine)
         app.state.database = self.engine
         app.state.key_store = KeyStore(self.engine)
+        app.state.credential_store = CredentialStore(self.engine, self.cipher)
         log.info("database: %s", redact(self.url))
 
     @hookimpl

@@ -1,4 +1,5 @@
-"""``aiproxy db upgrade | current``, and the database check ``aiproxy serve`` runs first.
+"""``aiproxy db upgrade | current | rotate-encryption-key``, and the database check
+``aiproxy serve`` runs first.
 
 Each returns an exit code and prints what happened; a database that cannot be
 reached is one clear line on stderr naming it (password hidden), never a traceback.
@@ -14,6 +15,8 @@ from sqlalchemy.exc import SQLAlchemyError
 
 from aiproxy.config import Config
 from aiproxy.storage import migrate
+from aiproxy.storage.credentials import CredentialStore
+from aiproxy.storage.crypto import CryptoError, cipher_from
 from aiproxy.storage.db import DatabaseError, create_engine, redact
 
 
@@ -68,7 +71,12 @@ def run(action: str, config: Config, url: str | None) -> int:
                 return 1
             print(f"{redact(url)}: at revision {migrate.head()} (head)")
             return 0
+        if action == "rotate-encryption-key":
+            return asyncio.run(_rotate(config, url))
         at = asyncio.run(migrate.current(url))
+    except CryptoError as exc:
+        print(f"aiproxy: {exc}", file=sys.stderr)
+        return 2
     except DatabaseError as exc:
         print(f"aiproxy: {exc}", file=sys.stderr)
         return 2
@@ -79,3 +87,20 @@ def run(action: str, config: Config, url: str | None) -> int:
     state = "head" if at == head else f"behind: head is {head}; run 'aiproxy db upgrade'"
     print(f"{redact(url)}: at revision {at or 'none (empty)'} ({state})")
     return 0 if at == head else 3
+
+
+async def _rotate(config: Config, url: str) -> int:
+    """Re-encrypt every tenant provider key under ``security.encryption_key``."""
+    cipher = cipher_from(config.section("security"))
+    if cipher is None:
+        print("aiproxy: security.encryption_key (ENCRYPTION_KEY) is not set: nothing to rotate to",
+              file=sys.stderr)
+        return 2
+    engine = create_engine(url)
+    try:
+        changed = await CredentialStore(engine, cipher).reencrypt()
+    finally:
+        await engine.dispose()
+    print(f"{redact(url)}: {changed} provider key(s) re-encrypted under key {cipher.current_id}; "
+          f"every stored key now opens with ENCRYPTION_KEY alone")
+    return 0

@@ -120,23 +120,13 @@ def _in_scope(row_tenant: str | None, tenant: Scope) -> bool:
     return isinstance(tenant, _AllTenants) or row_tenant == tenant
 
 
-class KeyStore:
-    """Keys, tenants and users in the database behind ``engine`` (see the module docstring)."""
+class Store:
+    """Sessions on one engine, and one transaction helper that maps database failures."""
 
     def __init__(self, engine: AsyncEngine, *, clock: Callable[[], dt.datetime] = utcnow) -> None:
         self.engine = engine
         self.sessions = session_factory(engine)
         self.clock = clock
-        self._listeners: list[Listener] = []
-
-    def subscribe(self, listener: Listener) -> None:
-        """Call ``listener(key_ids)`` after every change to those keys (cache invalidation)."""
-        self._listeners.append(listener)
-
-    def _changed(self, key_ids: Sequence[str]) -> None:
-        if key_ids:
-            for listener in self._listeners:
-                listener(key_ids)
 
     @asynccontextmanager
     async def _tx(self) -> AsyncIterator[AsyncSession]:
@@ -148,6 +138,23 @@ class KeyStore:
             raise Conflict(f"conflicts with an existing row: {exc.orig}") from None
         except (OperationalError, InterfaceError, OSError, TimeoutError) as exc:
             raise DatabaseUnavailable(f"the database is unavailable ({type(exc).__name__})") from exc
+
+
+class KeyStore(Store):
+    """Keys, tenants and users in the database behind ``engine`` (see the module docstring)."""
+
+    def __init__(self, engine: AsyncEngine, *, clock: Callable[[], dt.datetime] = utcnow) -> None:
+        super().__init__(engine, clock=clock)
+        self._listeners: list[Listener] = []
+
+    def subscribe(self, listener: Listener) -> None:
+        """Call ``listener(key_ids)`` after every change to those keys (cache invalidation)."""
+        self._listeners.append(listener)
+
+    def _changed(self, key_ids: Sequence[str]) -> None:
+        if key_ids:
+            for listener in self._listeners:
+                listener(key_ids)
 
     # ------------------------------------------------------------ tenants
     async def create_tenant(self, name: str, *, metadata: dict[str, Any] | None = None) -> TenantRecord:
