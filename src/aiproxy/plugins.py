@@ -33,6 +33,7 @@ BUILTINS = {
     "auth": "aiproxy.builtin.auth",
     "openai": "aiproxy.builtin.openai",
     "ollama": "aiproxy.builtin.ollama",
+    "google": "aiproxy.builtin.google",
     "anthropic": "aiproxy.builtin.anthropic",
     "mock": "aiproxy.builtin.mock",
     "messages": "aiproxy.builtin.messages",
