@@ -5,22 +5,26 @@ It refuses what the real API refuses (a missing ``x-api-key`` or ``anthropic-ver
 fields it does not know, roles other than user/assistant, empty text blocks, a
 ``tool_result`` without its ``tool_use`` in the turn before, unsupported image types) with
 Anthropic's error shape. Besides the shared options (:mod:`.server`) it takes
-``cache_read`` (tokens reported as read from the prompt cache) and ``stream_error``
-(an ``error`` event of that type, e.g. ``overloaded_error``, after the first text delta).
+``cache_read`` (tokens reported as read from the prompt cache), ``stream_error``
+(an ``error`` event of that type, e.g. ``overloaded_error``, after the first text delta)
+and ``gate`` (a :class:`threading.Event`, through :meth:`configured`: a stream sends its
+first event, then waits for the gate before the rest).
 """
 
 from __future__ import annotations
 
+import asyncio
 import json
-from collections.abc import Sequence
+import threading
+from collections.abc import AsyncIterator, Sequence
 from typing import Any
 
 from anthropic.types.message_create_params import MessageCreateParamsBase
 from starlette.requests import Request
-from starlette.responses import JSONResponse, Response
+from starlette.responses import JSONResponse, Response, StreamingResponse
 from starlette.routing import Route
 
-from .server import FakeUpstream, count_words, example_arguments, spaced, words_for
+from .server import FakeUpstream, Recorded, count_words, example_arguments, spaced, words_for
 
 #: Every top-level field the Messages API takes: the SDK's, plus sampling fields
 #: that older models accept and the SDK no longer lists.
@@ -229,7 +233,33 @@ class FakeAnthropic(FakeUpstream):
         pieces.append(self.frame({"type": "message_delta", "usage": {"output_tokens": output},
                                   "delta": {"stop_reason": stop, "stop_sequence": None}}))
         pieces.append(self.frame({"type": "message_stop"}))
+        gate = opts.get("gate")
+        if isinstance(gate, threading.Event):
+            return self._gated(record, pieces, gate)
         return self.stream(record, pieces, opts)
+
+    def _gated(self, record: Recorded, pieces: list[bytes], gate: threading.Event) -> StreamingResponse:
+        """The first piece, then the rest once ``gate`` is set (or 10 s have passed)."""
+        record.streamed = True
+        record.chunks_total = len(pieces)
+
+        async def body() -> AsyncIterator[bytes]:
+            try:
+                for i, piece in enumerate(pieces):
+                    if i == 1:
+                        await asyncio.to_thread(gate.wait, 10)
+                    if i == len(pieces) - 1:
+                        record.completed = True
+                    yield piece
+                    record.chunks_sent = i + 1
+            except BaseException:
+                if not record.completed:
+                    record.disconnected = True
+                raise
+            finally:
+                record.done.set()
+
+        return StreamingResponse(body(), media_type=self.MEDIA_TYPE, headers={"cache-control": "no-cache"})
 
     async def count_tokens(self, request: Request) -> Response:
         record, _, failed = await self.begin(request)
