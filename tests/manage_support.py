@@ -21,10 +21,12 @@ from aiproxy.storage.keys import KeyStore
 from tests.conftest import make_config
 
 MASTER = "sk-master-test-9f8e7d6c5b4a"
+ENCRYPTION_KEY = "q2l5bXlqb2h0c2Z0a2V5Zm9ydGVzdHNvbmx5MTIzNDU="  # 32 bytes, base64: tests only
 
 
 def manage_config(db_url: str, **overrides: Any) -> Config:
-    sections: dict[str, Any] = {"server": {"master_key": MASTER}, "database": {"url": db_url}}
+    sections: dict[str, Any] = {"server": {"master_key": MASTER}, "database": {"url": db_url},
+                                "security": {"encryption_key": ENCRYPTION_KEY}}
     return make_config(**{**sections, **overrides})
 
 
@@ -57,8 +59,9 @@ class Api:
 
 
 @asynccontextmanager
-async def manage_app(db_url: str, config: Config | None = None) -> AsyncIterator[Api]:
-    app = create_app(config or manage_config(db_url))
+async def manage_app(db_url: str, config: Config | None = None, *,
+                     transport: httpx.AsyncBaseTransport | None = None) -> AsyncIterator[Api]:
+    app = create_app(config or manage_config(db_url), transport=transport)
     async with app.router.lifespan_context(app):  # ASGITransport skips lifespan
         async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app),
                                      base_url="http://proxy") as http:

@@ -35,7 +35,12 @@ CASES: list[tuple[str, str, dict[str, Any] | None]] = [
     ("POST", "/keys", {"tenant_id": "{tenant}"}),
     ("POST", "/keys", {"user_id": "{admin}", "role": "admin"}),
     ("POST", "/users", {"tenant_id": "{tenant}", "email": "spy@a.test"}),
+    ("GET", "/providers/openai/credentials?tenant_id={tenant}", None),
+    ("PUT", "/providers/openai/credentials", {"tenant_id": "{tenant}", "api_key": "sk-spy-key-0000000"}),
+    ("POST", "/providers/openai/credentials", {"tenant_id": "{tenant}", "api_key": "sk-spy-key-0000000"}),
+    ("DELETE", "/providers/openai/credentials?tenant_id={tenant}", None),
 ]
+B_OWN_KEY = "sk-globex-own-openai-key-ZZ9876"
 # routes with no id of anyone's in them: their isolation is that lists show only the caller's rows
 LISTS = ["/keys", "/users", "/tenants"]
 CALLERS = {"admin of A": 404, "admin of no tenant": 404, "member of A": 403}
@@ -54,6 +59,7 @@ async def world(db_url: str) -> AsyncIterator[World]:
     async with manage_app(db_url) as api:
         a = await make_tenant(api, "acme")
         b = await make_tenant(api, "globex")
+        await api.call("PUT", "/providers/openai/credentials", key=b.admin_key, json={"api_key": B_OWN_KEY})
         loose = (await api.call("POST", "/keys", json={"role": "admin", "name": "ops"})).json()["key"]
         yield World(api, a, b, loose)
 
@@ -71,7 +77,7 @@ def _fill(value: Any, b: Tenant) -> Any:
 
 def _secrets_of(t: Tenant) -> list[str]:
     return [t.id, t.admin_user, t.member_user, t.admin_key_id, t.member_key_id, t.admin_key, t.member_key,
-            t.admin_key[:11], t.member_key[:11]]
+            t.admin_key[:11], t.member_key[:11], B_OWN_KEY, "9876"]
 
 
 async def _snapshot(api: Api, b: Tenant) -> dict[str, Any]:
@@ -80,7 +86,8 @@ async def _snapshot(api: Api, b: Tenant) -> dict[str, Any]:
     users = (await api.call("GET", "/users?limit=200")).json()["data"]
     return {"tenant": (await api.call("GET", f"/tenants/{b.id}")).json(),
             "keys": [k for k in keys if k["tenant_id"] == b.id],
-            "users": [u for u in users if u["tenant_id"] == b.id]}
+            "users": [u for u in users if u["tenant_id"] == b.id],
+            "credential": (await api.call("GET", f"/providers/openai/credentials?tenant_id={b.id}")).json()}
 
 
 @pytest.mark.parametrize(("method", "path", "body"), CASES,
@@ -134,6 +141,8 @@ async def test_self_is_the_callers_own_key_whoever_asks(world: World) -> None:
 async def test_admin_of_a_still_manages_a(world: World) -> None:
     """The same routes work on A's own rows: the 404s above are isolation, not breakage."""
     api, a = world.api, world.a
+    await api.call("PUT", "/providers/openai/credentials", key=a.admin_key,
+                   json={"api_key": "sk-acme-0wn-1234"})
     for method, path, body in sorted(CASES, key=lambda case: case[0] == "DELETE"):  # deletes last
         if path in ("/tenants/{tenant}",) and method == "DELETE":
             continue  # only the master key deletes tenants
@@ -151,8 +160,13 @@ def test_every_management_route_and_method_is_in_the_matrix() -> None:
     """A route added later without an isolation case fails here."""
     from aiproxy.builtin.manage import routes
 
-    covered = {(m, PREFIX + p.replace("{key}", "{key_id}").replace("{tenant}", "{tenant_id}")
-                .replace("{user}", "{user_id}")) for m, p, _ in CASES}
+    names = {"{key}": "{key_id}", "{tenant}": "{tenant_id}", "{user}": "{user_id}", "openai": "{provider}"}
+    covered = set()
+    for method, path, _ in CASES:
+        path = path.split("?")[0]
+        for ours, route_param in names.items():
+            path = path.replace(ours, route_param)
+        covered.add((method, PREFIX + path))
     covered |= {("GET", PREFIX + p) for p in LISTS} | {("GET", f"{PREFIX}/keys/self"),
                                                        ("GET", f"{PREFIX}/providers"),
                                                        ("POST", f"{PREFIX}/tenants")}

@@ -16,6 +16,7 @@ the routes that need it answer 503 saying so.
 | ``/api/ai/tenants``, ``/api/ai/tenants/{id}`` | GET, POST / GET, PATCH, DELETE |
 | ``/api/ai/users``, ``/api/ai/users/{id}`` | GET, POST / GET, PATCH, DELETE |
 | ``/api/ai/providers`` | GET: providers, their models and health; never a key |
+| ``/api/ai/providers/{name}/credentials`` | GET, PUT/POST, DELETE: a tenant's own key (BYOK) |
 """
 
 from __future__ import annotations
@@ -27,7 +28,7 @@ from starlette.responses import Response
 from starlette.routing import BaseRoute, Route
 
 from aiproxy import hookimpl
-from aiproxy.builtin.manage import keys, people, providers
+from aiproxy.builtin.manage import credentials, keys, people, providers
 from aiproxy.builtin.manage.access import Handler, endpoint
 
 PREFIX = "/api/ai"
@@ -57,6 +58,9 @@ def routes() -> list[BaseRoute]:
         route("/users/{user_id}", GET=people.get_user, PATCH=people.change_user,
               DELETE=people.delete_user),
         route("/providers", GET=providers.list_providers),
+        route("/providers/{provider}/credentials", GET=credentials.get_credential,
+              PUT=credentials.put_credential, POST=credentials.put_credential,
+              DELETE=credentials.delete_credential),
     ]
 
 

@@ -1,4 +1,5 @@
-"""``GET /api/ai/providers``: the configured providers, their models and health.
+"""``GET /api/ai/providers``: the configured providers, their models and health, and
+for an admin key of a tenant, its own key for each (``credential``: a fingerprint).
 
 Never a key: ``api_base`` loses any user:password and query string (Azure's
 ``api-version`` is harmless, but a query is where some put credentials).
@@ -10,6 +11,7 @@ from typing import Any
 from urllib.parse import urlsplit, urlunsplit
 
 from aiproxy.builtin.manage.access import Caller, Result
+from aiproxy.builtin.manage.credentials import credentials_of
 from aiproxy.errors import ProxyError
 from aiproxy.gateway import Gateway
 
@@ -53,10 +55,15 @@ async def list_providers(caller: Caller) -> Result:
     caller.require_admin()
     gateway: Gateway = caller.request.app.state.gateway
     config = gateway.config
+    store = getattr(caller.request.app.state, "credential_store", None)
+    tenant = caller.principal.tenant
+    own = await credentials_of(store, tenant) if store is not None and tenant and not caller.master else None
     data = []
     for name, provider in config.providers.items():
         models = [m.name for m in config.models if m.provider == name]
         data.append({"object": "provider", "name": name, "plugin": provider.plugin,
                      "api_base": safe_base(provider.api_base), "models": models,
                      **_health(gateway, name, models)})
+        if own is not None:  # an admin key of a tenant: its own key for the provider, if any
+            data[-1]["credential"] = own.get(name)
     return 200, {"object": "list", "data": data}
