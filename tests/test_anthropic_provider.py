@@ -21,7 +21,7 @@ from anthropic.types import ErrorResponse, Message, ModelInfo, RawMessageStreamE
 
 from aiproxy import hookimpl
 from aiproxy.call import Call
-from aiproxy.config import Config
+from aiproxy.config import Config, PluginsConfig, load_config
 from tests.conftest import make_config
 from tests.helpers import assert_no_secret, error_of, with_plugins
 
@@ -601,3 +601,16 @@ async def test_without_a_key_the_provider_is_left_out(gateway: Gateway) -> None:
         r = await http.post("/v1/chat/completions", json={"model": "claude-test", "messages": HI})
     assert r.status_code == 404
     assert "api_key" in error_of(r)["message"]
+
+
+async def test_the_shipped_config_serves_claude_with_a_key(gateway: Gateway) -> None:
+    shipped = load_config(Path(__file__).parent.parent / "config.yaml", env={"ANTHROPIC_API_KEY": KEY})
+    cfg = Config(providers={"anthropic": shipped.providers["anthropic"]},
+                 models=[m for m in shipped.models if m.provider == "anthropic"], plugins=PluginsConfig())
+    async with gateway(cfg) as (http, upstream):
+        route = upstream.post("https://api.anthropic.com/v1/messages").mock(return_value=ok("message_text.json"))
+        for model in ("claude-sonnet-4-5", "claude-opus-4-5"):
+            r = await http.post("/v1/chat/completions", json={"model": model, "messages": HI})
+            assert r.status_code == 200, r.text
+            assert sent(route)["model"] == model and sent(route)["max_tokens"] == 4096
+            assert route.calls.last.request.headers["x-api-key"] == KEY
