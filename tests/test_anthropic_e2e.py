@@ -15,6 +15,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import anthropic
 import openai
 import pytest
 import yaml
@@ -249,6 +250,27 @@ def test_models_are_listed_from_the_upstream(client: openai.OpenAI) -> None:
     answer = client.chat.completions.create(model="claude-haiku-4-5-20251001",
                                             messages=[{"role": "user", "content": "hi"}])
     assert answer.model == "claude-haiku-4-5-20251001"
+
+
+def test_anthropic_sdk_through_the_gateway(proxy: Proxy) -> None:
+    """An Anthropic SDK client on /v1/messages, a Claude model behind: both translations in a row."""
+    marker = _marker()
+    with anthropic.Anthropic(base_url=proxy.url, api_key="client-key", max_retries=0, timeout=15.0) as sdk:
+        whole = sdk.messages.create(model="claude-fake", max_tokens=100, system="Be terse.",
+                                    messages=[{"role": "user", "content": f"Hello {marker}"}])
+        with sdk.messages.stream(model="claude-fake", max_tokens=100, tools=[{
+                "name": "get_weather", "input_schema": WEATHER["function"]["parameters"]}],
+                messages=[{"role": "user", "content": "Weather in Rome?"}]) as stream:
+            streamed = stream.get_final_message()
+    assert whole.content[0].type == "text" and whole.content[0].text and whole.stop_reason == "end_turn"
+    assert (whole.usage.input_tokens, whole.usage.output_tokens) == (4, 6)
+    sent = proxy.fake.with_text(marker)[0]
+    assert sent.body["system"] == "Be terse." and sent.body["max_tokens"] == 100
+    assert sent.headers["x-api-key"] == UPSTREAM_KEY
+    tool_use = [b for b in streamed.content if b.type == "tool_use"]
+    assert streamed.stop_reason == "tool_use" and len(tool_use) == 1
+    assert tool_use[0].name == "get_weather" and tool_use[0].input == {"location": "fake-location",
+                                                                        "unit": "celsius"}
 
 
 def test_server_logged_no_key_and_no_traceback(proxy: Proxy) -> None:
