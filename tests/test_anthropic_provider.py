@@ -614,3 +614,23 @@ async def test_the_shipped_config_serves_claude_with_a_key(gateway: Gateway) -> 
             assert r.status_code == 200, r.text
             assert sent(route)["model"] == model and sent(route)["max_tokens"] == 4096
             assert route.calls.last.request.headers["x-api-key"] == KEY
+
+
+async def test_tool_ids_from_other_providers_are_made_acceptable(gateway: Gateway) -> None:
+    """Anthropic takes ids of [a-zA-Z0-9_-] only; a call and its result must still match."""
+    foreign = "call_1~ts~c2lnbmF0dXJl/+="
+    messages = [*HI, {"role": "assistant", "tool_calls": [
+        {"id": foreign, "type": "function", "function": {"name": "get_weather", "arguments": "{}"}}]},
+        {"role": "tool", "tool_call_id": foreign, "content": "18C"}]
+    r, route = await chat(gateway, ok("message_text.json"), {"messages": messages, "tools": [WEATHER]})
+    assert r.status_code == 200, r.text
+    turns = sent(route)["messages"]
+    used, result = turns[1]["content"][0]["id"], turns[2]["content"][0]["tool_use_id"]
+    assert used == result == "call_1_ts_c2lnbmF0dXJl___"
+
+
+async def test_only_system_messages_are_a_400(gateway: Gateway) -> None:
+    only_system = {"messages": [{"role": "system", "content": "x"}]}
+    r, route = await chat(gateway, ok("message_text.json"), only_system)
+    assert r.status_code == 400 and error_of(r)["param"] == "messages"
+    assert not route.called

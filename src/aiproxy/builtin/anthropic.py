@@ -1,10 +1,10 @@
 """Anthropic's Messages API (``POST {api_base}/messages``), for OpenAI-shaped chat requests.
 
-The request is translated by :mod:`aiproxy.builtin.anthropic_wire` (system and developer
-messages → ``system``, tools and tool results, images, stop sequences, JSON schemas,
-``max_tokens`` with a default); the answer comes back as a ``chat.completion``, and a
-stream's events as ``chat.completion.chunk`` events, each sent when its upstream event
-arrives. The wire is spoken over the gateway's shared httpx client (the SDK's own
+The request is translated by :mod:`.anthropic_wire` (system and developer messages →
+``system``, tools and tool results, images, stop sequences, JSON schemas, ``max_tokens``
+with a default); the answer comes back through :mod:`.anthropic_reply` as a
+``chat.completion``, and a stream's events as ``chat.completion.chunk`` events, each sent
+when its upstream event arrives. The wire is spoken over the gateway's shared httpx client (the SDK's own
 client would be a second connection pool, and retries are the router's); the SDK's
 types are the field-name authority. Options (provider or model):
 
@@ -28,6 +28,7 @@ import orjson
 
 from aiproxy import hookimpl, sse, wire
 from aiproxy.builtin import anthropic_wire as aw
+from aiproxy.builtin.anthropic_reply import StreamTranslator, completion, read_usage
 from aiproxy.errors import ProxyError
 from aiproxy.provider import Reply
 from aiproxy.upstream import HTTPProvider, error_message, invalid_response, parse_json, scrub
@@ -68,8 +69,8 @@ class AnthropicProvider(HTTPProvider):
         data = parse_json(self.name, response.content)
         if data.get("type") != "message":
             raise invalid_response(self.name, "expected a message")
-        reply = aw.completion(data, int(time.time()))
-        call.usage = aw.usage(data.get("usage"))
+        reply = completion(data, int(time.time()))
+        call.usage = read_usage(data.get("usage"))
         return Reply(reply)
 
     def chat_stream(self, call: Call, deployment: Deployment) -> AsyncIterator[bytes]:
@@ -77,7 +78,7 @@ class AnthropicProvider(HTTPProvider):
         return self._events(call, self._request(call, deployment, "/messages", body))
 
     async def _events(self, call: Call, request: httpx.Request) -> AsyncIterator[bytes]:
-        state = _Stream(call, int(time.time()))
+        state = StreamTranslator(call, int(time.time()))
         async with self.streaming(request) as response:
             if response.headers.get("content-type", "").startswith("application/json"):
                 async for event in self._replayed(call, await response.aread()):
@@ -103,8 +104,8 @@ class AnthropicProvider(HTTPProvider):
         data = parse_json(self.name, raw)
         if data.get("type") != "message":
             raise invalid_response(self.name, "expected a message")
-        call.usage = aw.usage(data.get("usage"))
-        for chunk in wire.replay_chunks(aw.completion(data, int(time.time())), call.include_usage):
+        call.usage = read_usage(data.get("usage"))
+        for chunk in wire.replay_chunks(completion(data, int(time.time())), call.include_usage):
             yield sse.event(chunk)
 
     def _stream_failure(self, data: bytes) -> ProxyError:
@@ -141,81 +142,6 @@ class AnthropicProvider(HTTPProvider):
             if not data.get("has_more") or not after:
                 break
         return ids
-
-
-class _Stream:
-    """Anthropic stream events → OpenAI chunks, one event at a time.
-
-    The chunk id comes from the message id, ``created`` is set once; each ``tool_use``
-    block gets the next tool-call index, which its ``input_json_delta`` events keep.
-    """
-
-    def __init__(self, call: Call, created: int) -> None:
-        self.call = call
-        self.created = created
-        self.id = ""
-        self.model = call.upstream_model
-        self.tools: dict[Any, int] = {}  # Anthropic block index → OpenAI tool-call index
-        self.counts: dict[str, Any] = {}
-        self.done = False
-
-    def chunk(self, delta: dict[str, Any] | None = None, finish: str | None = None,
-              usage: dict[str, Any] | None = None) -> dict[str, Any]:
-        return wire.chat_chunk(id=self.id, model=self.model, created=self.created, delta=delta,
-                               finish_reason=finish, usage=usage)
-
-    def feed(self, event: dict[str, Any]) -> list[dict[str, Any]]:
-        kind = event.get("type")
-        if kind == "content_block_delta":
-            delta = self._delta(event)
-            return [self.chunk(delta)] if delta else []
-        if kind == "message_start":
-            message = event.get("message") or {}
-            self.id = aw.chat_id(message.get("id"))
-            self.model = str(message.get("model") or self.model)
-            self._count(message.get("usage"))
-            return [self.chunk({"role": "assistant", "content": ""})]
-        if kind == "content_block_start":
-            block = event.get("content_block") or {}
-            if block.get("type") == "tool_use":
-                index = self.tools[event.get("index")] = len(self.tools)
-                return [self.chunk({"tool_calls": [{
-                    "index": index, "id": block.get("id"), "type": "function",
-                    "function": {"name": block.get("name"), "arguments": ""}}]})]
-            if block.get("type") == "text" and block.get("text"):
-                return [self.chunk({"content": block["text"]})]
-            return []
-        if kind == "message_delta":
-            self._count(event.get("usage"))
-            finish = aw.finish_reason((event.get("delta") or {}).get("stop_reason"))
-            return [self.chunk({}, finish)] if finish else []
-        if kind == "message_stop":
-            self.done = True
-            usage = self.call.usage
-            if self.call.include_usage and usage is not None:
-                return [self.chunk(usage=aw.openai_usage(usage))]
-        return []  # ping, content_block_stop, and event types added later
-
-    def _delta(self, event: dict[str, Any]) -> dict[str, Any] | None:
-        delta = event.get("delta") or {}
-        kind = delta.get("type")
-        if kind == "text_delta":
-            return {"content": delta.get("text") or ""}
-        if kind == "input_json_delta":
-            index = self.tools.get(event.get("index"))
-            if index is None or not delta.get("partial_json"):
-                return None
-            return {"tool_calls": [{"index": index, "function": {"arguments": delta["partial_json"]}}]}
-        if kind == "thinking_delta":
-            return {"reasoning_content": delta.get("thinking") or ""}
-        return None  # signature and citation deltas have no OpenAI counterpart
-
-    def _count(self, usage: Any) -> None:
-        """Input counts arrive in ``message_start``, output (and sometimes input again) in
-        ``message_delta``: the latest value of each wins."""
-        if isinstance(usage, dict):
-            self.counts.update((k, v) for k, v in usage.items() if v is not None)
-            self.call.usage = aw.usage(self.counts)
 
 
 def _beta(value: Any) -> str:

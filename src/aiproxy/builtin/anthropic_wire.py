@@ -1,4 +1,4 @@
-"""OpenAI chat requests → Anthropic Messages requests, and Anthropic answers → OpenAI shape.
+"""OpenAI chat requests → Anthropic Messages requests (answers: :mod:`.anthropic_reply`).
 
 Field names follow the ``anthropic`` SDK's types (``anthropic.types.MessageCreateParams``,
 ``Message``, ``RawMessageStreamEvent``). What happens to each OpenAI request field is
@@ -10,35 +10,32 @@ translated, passed as it is (:data:`NATIVE`), refused with a 400 naming it
 from __future__ import annotations
 
 import logging
+import re
 from collections.abc import Callable
 from typing import Any
 
 import orjson
 
-from aiproxy import wire
-from aiproxy.call import Usage
 from aiproxy.errors import invalid
 
 log = logging.getLogger("aiproxy.anthropic")
 
 DEFAULT_MAX_TOKENS = 4096
 IMAGE_TYPES = frozenset(("image/jpeg", "image/png", "image/gif", "image/webp"))
-STOP_REASONS = {"end_turn": "stop", "stop_sequence": "stop", "pause_turn": "stop",
-                "max_tokens": "length", "model_context_window_exceeded": "length",
-                "tool_use": "tool_calls", "refusal": "content_filter"}
 #: Anthropic-only request fields an OpenAI client may send (``extra_body``), passed as they are.
 NATIVE = ("top_k", "thinking")
 #: Fields Anthropic has no way to honour: a 400 naming the field, unless the value asks
-#: for nothing (``logprobs: false``, ``logit_bias: {}``, ``modalities: ["text"]``, …).
+#: for nothing (``logprobs: false``, ``logit_bias: {}``, ``web_search_options: {}``).
 REFUSED = {
     "logit_bias": "Anthropic has no logit bias",
     "logprobs": "Anthropic does not return log probabilities",
     "top_logprobs": "Anthropic does not return log probabilities",
     "audio": "Anthropic does not produce audio",
-    "web_search_options": "use Anthropic's web search tool through a provider that offers it",
+    "web_search_options": "web search is not translated to Anthropic's server tools",
     "functions": "use 'tools' instead of the deprecated 'functions'",
     "function_call": "use 'tool_choice' instead of the deprecated 'function_call'",
 }
+_ID_CHARS = re.compile(r"[^a-zA-Z0-9_-]")
 _EFFORT = {"minimal": "low", "low": "low", "medium": "medium", "high": "high", "xhigh": "xhigh"}
 
 
@@ -228,7 +225,7 @@ def translate_messages(messages: list[dict[str, Any]]) -> tuple[Any, list[dict[s
             if blocks:
                 _append(out, "assistant", blocks, where)
         elif role == "tool":
-            result: dict[str, Any] = {"type": "tool_result", "tool_use_id": m["tool_call_id"]}
+            result: dict[str, Any] = {"type": "tool_result", "tool_use_id": tool_id(m["tool_call_id"])}
             content = m.get("content")
             result["content"] = content if isinstance(content, str) else \
                 _blocks(content, f"{where}.content")
@@ -236,6 +233,9 @@ def translate_messages(messages: list[dict[str, Any]]) -> tuple[Any, list[dict[s
         else:
             raise invalid(f"'{where}.role' {role!r} is not supported by Anthropic models; send tool "
                           f"results as role 'tool' with a tool_call_id", f"{where}.role")
+    if not out:
+        raise invalid("'messages' must hold a user or assistant message for Anthropic models, "
+                      "not only system ones", "messages")
     if not system:
         return None, out
     if len(system) == 1 and set(system[0]) == {"type", "text"}:
@@ -349,61 +349,11 @@ def _tool_use(tc: dict[str, Any], where: str) -> dict[str, Any]:
     if not isinstance(call_id, str) or not call_id:
         raise invalid(f"'{where}.id' is required: Anthropic matches tool results to calls by id",
                       f"{where}.id")
-    return {"type": "tool_use", "id": call_id, "name": fn["name"], "input": arguments}
+    return {"type": "tool_use", "id": tool_id(call_id), "name": fn["name"], "input": arguments}
 
 
-# ---------------------------------------------------------------- answers
-def chat_id(message_id: Any) -> str:
-    """The OpenAI id of an answer: ``chatcmpl-`` and the Anthropic message id."""
-    return f"chatcmpl-{message_id}" if isinstance(message_id, str) and message_id else wire.new_id("chatcmpl")
-
-
-def finish_reason(stop_reason: Any) -> str | None:
-    if stop_reason is None:
-        return None
-    return STOP_REASONS.get(stop_reason, "stop")
-
-
-def usage(data: Any) -> Usage:
-    """Anthropic usage in OpenAI terms: the prompt counts cache reads and writes too."""
-    data = data if isinstance(data, dict) else {}
-    read = _int(data.get("cache_read_input_tokens"))
-    prompt = _int(data.get("input_tokens")) + read + _int(data.get("cache_creation_input_tokens"))
-    completion = _int(data.get("output_tokens"))
-    return Usage(prompt, completion, prompt + completion, read)
-
-
-def openai_usage(u: Usage) -> dict[str, Any]:
-    out = u.to_openai()
-    out.setdefault("prompt_tokens_details", {"cached_tokens": u.cached_tokens})
-    return out
-
-
-def completion(data: dict[str, Any], created: int) -> dict[str, Any]:
-    """A whole Anthropic ``Message`` as an OpenAI ``chat.completion``."""
-    texts: list[str] = []
-    thinking: list[str] = []
-    calls: list[dict[str, Any]] = []
-    for block in data.get("content") or []:
-        kind = block.get("type") if isinstance(block, dict) else None
-        if kind == "text":
-            texts.append(str(block.get("text") or ""))
-        elif kind == "thinking":
-            thinking.append(str(block.get("thinking") or ""))
-        elif kind == "tool_use":
-            calls.append({"id": block.get("id"), "type": "function",
-                          "function": {"name": block.get("name"),
-                                       "arguments": orjson.dumps(block.get("input") or {}).decode()}})
-    message: dict[str, Any] = {"role": "assistant", "content": "".join(texts) if texts or not calls else None,
-                               "refusal": None}
-    if calls:
-        message["tool_calls"] = calls
-    if thinking:
-        message["reasoning_content"] = "".join(thinking)
-    return wire.chat_completion(id=chat_id(data.get("id")), model=str(data.get("model") or ""),
-                                message=message, finish_reason=finish_reason(data.get("stop_reason")),
-                                usage=openai_usage(usage(data.get("usage"))), created=created)
-
-
-def _int(value: Any) -> int:
-    return value if type(value) is int else 0
+def tool_id(call_id: str) -> str:
+    """A tool call id as Anthropic accepts it (``[a-zA-Z0-9_-]+``): ids another provider
+    made (after a fallback) have other characters replaced, the same way in a call and
+    in its result."""
+    return _ID_CHARS.sub("_", call_id) if _ID_CHARS.search(call_id) else call_id
