@@ -14,7 +14,7 @@ log line. Translation both ways lives in :mod:`.google_wire` (requests) and
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from typing import TYPE_CHECKING, Any
 
 import httpx
@@ -30,6 +30,7 @@ if TYPE_CHECKING:
     from aiproxy.call import Call
     from aiproxy.router import Deployment
 
+_STREAM = "streamGenerateContent?alt=sse"
 #: Gemini takes at most this many requests in one ``batchEmbedContents``.
 BATCH = 100
 #: Methods a listed model must support to be offered (when the listing says).
@@ -66,36 +67,34 @@ class GoogleProvider(HTTPProvider):
     def _path(self, call: Call, method: str) -> str:
         return f"/{model_path(call.upstream_model)}:{method}"
 
-    # ------------------------------------------------------------ chat
+    # ------------------------------------------------------------ chat and text completions
     async def chat(self, call: Call, deployment: Deployment) -> Reply:
-        body = chat_body(call.body)
-        data, _ = await self.post_json(call, deployment, self._path(call, "generateContent"), body)
-        out = reply.chat_completion(data, call.upstream_model)
-        if not out["choices"]:
-            raise invalid_response(self.name, "no candidates")
-        call.usage = Usage.from_openai(out.get("usage"))
-        return Reply(out)
+        return await self._whole(call, deployment, chat_body(call.body), reply.chat_completion)
 
     def chat_stream(self, call: Call, deployment: Deployment) -> AsyncIterator[bytes]:
         body = chat_body(call.body)  # a bad request fails before anything is sent
-        request = self.build(call, deployment, self._path(call, "streamGenerateContent?alt=sse"), body)
-        return self._events(call, request, reply.Chunks(call.upstream_model))
+        return self._events(call, self.build(call, deployment, self._path(call, _STREAM), body),
+                            reply.Chunks(call.upstream_model))
 
     async def completion(self, call: Call, deployment: Deployment) -> Reply:
+        return await self._whole(call, deployment, completion_body(call.body), reply.text_completion)
+
+    def completion_stream(self, call: Call, deployment: Deployment) -> AsyncIterator[bytes]:
         body = completion_body(call.body)
+        return self._events(call, self.build(call, deployment, self._path(call, _STREAM), body),
+                            reply.Chunks(call.upstream_model, text=True))
+
+    async def _whole(self, call: Call, deployment: Deployment, body: dict[str, Any],
+                     translate: Callable[[dict[str, Any], str], dict[str, Any]]) -> Reply:
         data, _ = await self.post_json(call, deployment, self._path(call, "generateContent"), body)
-        out = reply.text_completion(data, call.upstream_model)
+        out = translate(data, call.upstream_model)
         if not out["choices"]:
             raise invalid_response(self.name, "no candidates")
         call.usage = Usage.from_openai(out.get("usage"))
         return Reply(out)
 
-    def completion_stream(self, call: Call, deployment: Deployment) -> AsyncIterator[bytes]:
-        body = completion_body(call.body)
-        request = self.build(call, deployment, self._path(call, "streamGenerateContent?alt=sse"), body)
-        return self._events(call, request, reply.Chunks(call.upstream_model, text=True))
-
-    async def _events(self, call: Call, request: httpx.Request, chunks: reply.Chunks) -> AsyncIterator[bytes]:
+    async def _events(self, call: Call, request: httpx.Request,
+                      chunks: reply.Chunks) -> AsyncIterator[bytes]:
         """Each upstream event out as OpenAI chunks the moment it arrives."""
         async with self.streaming(request) as response:
             async for data in sse.data_events(response.aiter_bytes()):
