@@ -1,7 +1,8 @@
 """End to end: the real ``anthropic`` SDK against a started ``aiproxy serve`` on ``/v1/messages``.
 
-The same Anthropic-SDK code reaches the built-in mock and an OpenAI-compatible upstream
-(a real HTTP server from :mod:`tests.fakes`). The SDK's ``messages.stream()``
+The same Anthropic-SDK code reaches three kinds of model: the built-in mock, an
+OpenAI-compatible upstream and a Claude model behind the ``anthropic`` provider (both
+fakes are real HTTP servers from :mod:`tests.fakes`). The SDK's ``messages.stream()``
 helper checks the event order strictly and rebuilds the final message from the events.
 """
 
@@ -21,13 +22,14 @@ import anthropic
 import pytest
 import yaml
 
-from tests.fakes import FakeOpenAI
+from tests.fakes import FakeAnthropic, FakeOpenAI
 from tests.helpers import free_port, wait_healthy
 
 REPO = Path(__file__).resolve().parent.parent
 MASTER_KEY = "sk-gateway-master-e2e"
 OPENAI_KEY = "sk-fake-openai-key"
-TARGETS = {"mock": "mock-claude", "openai": "gpt-fake"}
+ANTHROPIC_KEY = "sk-ant-fake-upstream-key"
+TARGETS = {"mock": "mock-claude", "openai": "gpt-fake", "anthropic": "claude-fake"}
 WEATHER = {"name": "get_weather", "description": "Current weather for a city",
            "input_schema": {"type": "object", "required": ["city"],
                             "properties": {"city": {"type": "string"},
@@ -41,23 +43,27 @@ PNG = base64.b64encode(bytes.fromhex(
 class Proxy:
     url: str
     openai_fake: FakeOpenAI
+    anthropic_fake: FakeAnthropic
     log: Path
 
 
 @pytest.fixture(scope="module")
 def proxy(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Proxy]:
     tmp = tmp_path_factory.mktemp("messages-e2e")
-    with FakeOpenAI(api_key=OPENAI_KEY) as openai_fake:
+    with FakeOpenAI(api_key=OPENAI_KEY) as openai_fake, FakeAnthropic(api_key=ANTHROPIC_KEY) as claude_fake:
         config = {
             "server": {"host": "127.0.0.1", "access_log": False, "master_key": MASTER_KEY},
             "plugins": {"dir": None},
             "providers": {
                 "mock": {"plugin": "mock"},
                 "openai": {"plugin": "openai", "api_base": f"{openai_fake.url}/v1", "api_key": OPENAI_KEY},
+                "anthropic": {"plugin": "anthropic", "api_base": f"{claude_fake.url}/v1",
+                              "api_key": ANTHROPIC_KEY},
             },
             "models": [
                 {"name": "mock-*", "provider": "mock"},
                 {"name": "gpt-fake", "provider": "openai", "model": "gpt-4o-mini"},
+                {"name": "claude-fake", "provider": "anthropic", "model": "claude-sonnet-4-5-20250929"},
             ],
         }
         path = tmp / "config.yaml"
@@ -73,7 +79,7 @@ def proxy(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Proxy]:
         try:
             url = f"http://127.0.0.1:{port}"
             wait_healthy(url, process, log)
-            yield Proxy(url, openai_fake, log)
+            yield Proxy(url, openai_fake, claude_fake, log)
         finally:
             process.terminate()
             try:
@@ -199,6 +205,22 @@ def test_image_and_sampling_reach_an_openai_upstream(proxy: Proxy, client: anthr
     assert sent.headers["authorization"] == f"Bearer {OPENAI_KEY}"  # the gateway's key, not the client's
 
 
+def test_image_reaches_a_claude_upstream(proxy: Proxy, client: anthropic.Anthropic) -> None:
+    marker = _marker()
+    message = client.messages.create(
+        model=TARGETS["anthropic"], max_tokens=32, system=f"System {marker}", stop_sequences=["STOP"],
+        extra_body={"top_k": 5},
+        messages=[{"role": "user", "content": [
+            {"type": "image", "source": {"type": "base64", "media_type": "image/png", "data": PNG}},
+            {"type": "text", "text": "What is this?"}]}])
+    assert message.stop_reason == "end_turn"
+    (sent,) = proxy.anthropic_fake.with_text(marker)
+    assert sent.headers["x-api-key"] == ANTHROPIC_KEY
+    assert (sent.body["top_k"], sent.body["stop_sequences"]) == (5, ["STOP"])
+    content = sent.body["messages"][0]["content"]
+    assert {"type": "image", "source": {"type": "base64", "media_type": "image/png", "data": PNG}} in content
+
+
 # ---------------------------------------------------------------- errors, as the SDK raises them
 def test_wrong_key_is_an_authentication_error(proxy: Proxy) -> None:
     with anthropic.Anthropic(base_url=proxy.url, api_key="sk-not-this-one", max_retries=0) as c, \
@@ -231,11 +253,11 @@ def test_upstream_failure_mid_stream_raises(client: anthropic.Anthropic) -> None
 
 
 # ---------------------------------------------------------------- streaming over sockets
-def _fake(proxy: Proxy, kind: str) -> FakeOpenAI:
-    return proxy.openai_fake
+def _fake(proxy: Proxy, kind: str) -> FakeOpenAI | FakeAnthropic:
+    return proxy.openai_fake if kind == "openai" else proxy.anthropic_fake
 
 
-@pytest.mark.parametrize("kind", ["openai"])
+@pytest.mark.parametrize("kind", ["openai", "anthropic"])
 def test_message_start_goes_out_with_the_first_upstream_event(proxy: Proxy, client: anthropic.Anthropic,
                                                                kind: str) -> None:
     """Nothing is buffered: the client has ``message_start`` while the upstream is still
@@ -254,7 +276,7 @@ def test_message_start_goes_out_with_the_first_upstream_event(proxy: Proxy, clie
     assert record.done.wait(5) and record.completed
 
 
-@pytest.mark.parametrize("kind", ["openai"])
+@pytest.mark.parametrize("kind", ["openai", "anthropic"])
 def test_client_disconnect_cancels_upstream(proxy: Proxy, client: anthropic.Anthropic, kind: str) -> None:
     """A client that leaves mid-stream: the gateway closes the upstream stream at once."""
     fake, marker = _fake(proxy, kind), _marker()
