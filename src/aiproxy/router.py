@@ -85,23 +85,24 @@ class Pool:
     deployments: list[Deployment]
     settings: PoolSettings
     turns: Turns = field(default_factory=Turns)
+    #: one deployment for everyone and nowhere to fall back to: no choice to make
+    simple: bool = False
+    #: an A/B split (weights or caller rules), whose arm is worth recording
+    split: bool = False
+    routed: bool = False  # some deployment has a route: rule
 
-    @property
-    def simple(self) -> bool:
-        """One deployment for everyone and nowhere to fall back to: no choice to make."""
+    def seal(self) -> None:
+        """Work out the flags above once its deployments are all in."""
         s = self.settings
-        return (len(self.deployments) == 1 and not self.deployments[0].route and not s.fallbacks
-                and not s.context_window_fallbacks and not s.content_policy_fallbacks)
-
-    @property
-    def split(self) -> bool:
-        """Is this an A/B split (weights or caller rules), whose arm is worth recording?"""
-        return self.settings.strategy == "weighted" or any(d.route for d in self.deployments)
+        self.routed = any(d.route for d in self.deployments)
+        self.simple = (len(self.deployments) == 1 and not self.routed and not s.fallbacks
+                       and not s.context_window_fallbacks and not s.content_policy_fallbacks)
+        self.split = s.strategy == "weighted" or self.routed
 
     def candidates(self, principal: Principal | None) -> list[Deployment]:
         """The deployments that may serve this caller: those whose ``route:`` admits it,
         else those without a rule; 403 when a rule excludes the caller from all."""
-        if not any(d.route for d in self.deployments):
+        if not self.routed:
             return self.deployments
         chosen = [d for d in self.deployments if d.route and serves(d, principal)]
         if not chosen:
@@ -191,6 +192,8 @@ class Router:
                 self._exact[m.name] = pool
         for name in self._exact:
             self._unavailable.pop(name, None)
+        for pool in [*self._exact.values(), *(p.pool for p in self._patterns)]:
+            pool.seal()
 
     def _now(self) -> float:
         return self.clock()

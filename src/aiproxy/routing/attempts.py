@@ -90,7 +90,7 @@ async def run(router: Router, call: Call, attempt: Attempt[T]) -> T:
     special = False  # moved to context-window / content-policy fallbacks already
     tried: dict[str, float] = {}  # deployment id → its retry-after (0: none), in this pool
     used = 0  # attempts in this pool
-    error = _no_attempt(pool)
+    error: ProxyError | None = None  # the last attempt's
     current: Deployment | None = call.deployment or router.pick(model, call.principal)
     if not pool.simple:
         await router.breaker.sync([d.id for d in pool.deployments])
@@ -99,8 +99,9 @@ async def run(router: Router, call: Call, attempt: Attempt[T]) -> T:
     while True:
         if current is not None:
             began = clock()
-            call.deployment = current
-            call.upstream_model = current.upstream_model(model)
+            if current is not call.deployment or model is not call.model:
+                call.deployment = current
+                call.upstream_model = current.upstream_model(model)
             call.attempts += 1
             stats.attempts += 1
             current.in_flight += 1
@@ -153,7 +154,7 @@ async def run(router: Router, call: Call, attempt: Attempt[T]) -> T:
             chain = list(router.pool(call.model).settings.fallbacks)
         while current is None:
             if not chain or clock() >= deadline:
-                raise _final(router, call, error)
+                raise _final(router, call, error or _no_attempt(pool))
             model = chain.pop(0)
             try:
                 pool = router.pool(model)
