@@ -193,6 +193,8 @@ async def test_rotate_with_grace_keeps_the_old_key_working_for_a_while(api: Api)
     assert (await api.chat(r.json()["key"])).status_code == 200
     old = (await api.call("GET", f"/keys/{created['id']}")).json()
     assert old["status"] == "active" and old["revoked_at"] is not None
+    working = (await api.call("GET", "/keys?include_revoked=false")).json()["data"]
+    assert {k["id"] for k in working} == {created["id"], r.json()["id"]}
     r = await api.call("POST", f"/keys/{r.json()['id']}/rotate", json={"grace": "soon"})
     assert r.status_code == 400 and error_of(r)["param"] == "grace"
 

@@ -44,7 +44,7 @@ def add_parsers(sub: Any) -> None:
     klist = kact.add_parser("list", parents=[common], help="keys, newest last")
     klist.add_argument("--tenant")
     klist.add_argument("--user")
-    klist.add_argument("--active", action="store_true", help="leave out revoked keys")
+    klist.add_argument("--active", action="store_true", help="only keys that work now")
     for name, what in (("revoke", "stop a key now"), ("rotate", "a new secret for a key")):
         p = kact.add_parser(name, parents=[common], help=what)
         p.add_argument("id")
@@ -176,9 +176,10 @@ async def _keys_list(ctx: _Ctx) -> int:
     from aiproxy.storage.keys import ALL_TENANTS
 
     a = ctx.args
-    records = await ctx.store.list_keys(tenant=a.tenant or ALL_TENANTS, user_id=a.user,
-                                        include_revoked=not a.active)
+    records = await ctx.store.list_keys(tenant=a.tenant or ALL_TENANTS, user_id=a.user)
     data = [r.to_dict(_now()) for r in records]
+    if a.active:  # a key rotated with a grace period is active until its revoked_at
+        data = [d for d in data if d["status"] == "active"]
     rows = [[d["id"], d["prefix"], d["name"] or "-", d["tenant_id"] or "-", d["user_id"] or "-",
              d["tier"], d["role"], d["status"], d["expires_at"] or "-"] for d in data]
     return ctx.out(data, _table(rows, ["ID", "PREFIX", "NAME", "TENANT", "USER", "TIER", "ROLE",

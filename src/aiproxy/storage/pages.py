@@ -16,7 +16,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any, Generic, TypeVar
 
-from sqlalchemy import Select, false, select
+from sqlalchemy import Select, false, or_, select
 
 from aiproxy.storage.keys import KeyStore, NotFound, Scope, StoreError, _AllTenants
 from aiproxy.storage.models import ROLES, ApiKey, Tenant, User
@@ -57,8 +57,8 @@ async def page_keys(store: KeyStore, *, tenant: Scope, offset: int = 0, limit: i
     query = _scoped(select(ApiKey), ApiKey.tenant_id, tenant)
     if user_id is not None:
         query = query.where(ApiKey.user_id == user_id)
-    if not include_revoked:
-        query = query.where(ApiKey.revoked_at.is_(None))
+    if not include_revoked:  # a key rotated with a grace period works until its revoked_at
+        query = query.where(or_(ApiKey.revoked_at.is_(None), ApiKey.revoked_at > store.clock()))
     query = query.order_by(ApiKey.created_at, ApiKey.id).offset(offset).limit(limit + 1)
     async with store._tx() as s:
         rows = [KeyRecord.of(r) for r in await s.scalars(query)]
