@@ -148,3 +148,21 @@ async def test_breaker_opens_after_failures_in_a_window_and_probes_back():
     await breaker.succeeded("d")
     assert not breaker.troubled("d")
     assert not await breaker.failed("d", cd)  # closed again: counting starts over
+
+
+def test_the_readme_routing_example_is_a_valid_config():
+    from pathlib import Path
+
+    import yaml
+
+    readme = (Path(__file__).resolve().parent.parent / "README.md").read_text()
+    section = readme.split("## Routing: pools, retries, fallbacks", 1)[1]
+    example = yaml.safe_load(section.split("```yaml", 1)[1].split("```", 1)[0])
+    providers = {"openai": {"plugin": "openai", "api_key": "k"}, "azure-eu": {"plugin": "openai"},
+                 "ollama": {"plugin": "ollama", "api_base": "http://127.0.0.1:11434"}}
+    cfg = parse_config({"plugins": {"dir": None}, "providers": providers, **example}, env={})
+    chat = [m for m in cfg.models if m.name == "chat"]
+    settings = pool_settings([m.routing for m in chat])
+    assert [m.routing.id for m in chat] == ["openai-us", "azure-eu", "canary"]
+    assert settings.fallbacks == ("chat-small", "local") and settings.strategy == "weighted"
+    assert chat[2].routing.route == {"tier": frozenset({"pro", "enterprise"})}
