@@ -27,7 +27,7 @@ log = logging.getLogger("aiproxy.plugins")
 BUILTINS = {
     # pluggy calls the last registered first: "auth" (the master key) is asked before
     # "keys" (virtual keys), and "database" starts before "keys" and stops after it.
-    "byok": "aiproxy.builtin.byok",
+    "tenant_keys": "aiproxy.builtin.tenant_keys",
     "keys": "aiproxy.builtin.keys",
     "database": "aiproxy.builtin.database",
     "auth": "aiproxy.builtin.auth",

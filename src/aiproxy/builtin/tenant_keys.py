@@ -29,7 +29,7 @@ from aiproxy.storage.crypto import CryptoError
 from aiproxy.storage.db import DatabaseError
 from aiproxy.storage.models import ProviderCredential
 
-log = logging.getLogger("aiproxy.byok")
+log = logging.getLogger("aiproxy.tenant_keys")
 _NONE: dict[str, str] = {}
 
 
