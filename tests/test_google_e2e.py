@@ -20,7 +20,7 @@ import openai
 import pytest
 import yaml
 
-from tests.fakes.google import FakeGemini
+from tests.fakes.google import FakeGemini, signature
 from tests.helpers import free_port, wait_healthy
 
 KEY = "AIza-e2e-upstream-key-789"
@@ -168,8 +168,9 @@ def test_tool_call_round_trip(proxy: Proxy, client: openai.OpenAI) -> None:
     assert second.choices[0].finish_reason == "stop" and not second.choices[0].message.tool_calls
     assert marker in (second.choices[0].message.content or "")  # the fake quotes the result it got
     body = _sent(proxy, marker)
-    assert body["contents"][1]["parts"] == [{"functionCall": {
-        "name": "get_weather", "args": {"location": "fake-location", "unit": "celsius"}}}]
+    assert body["contents"][1]["parts"] == [{  # the thought signature came back through the SDK
+        "functionCall": {"name": "get_weather", "args": {"location": "fake-location", "unit": "celsius"}},
+        "thoughtSignature": signature("get_weather")}]
     assert body["contents"][2]["parts"] == [
         {"functionResponse": {"name": "get_weather", "response": {"marker": marker}}}]
 
@@ -274,6 +275,10 @@ def test_server_logged_no_key_and_no_traceback(proxy: Proxy) -> None:
                                                {"functionCall": {"name": "g", "args": {}}}]},
                    {"role": "user", "parts": [{"functionResponse": {"name": "f", "response": {}}}]}]},
      "number of function response parts"),
+    ({"contents": [{"role": "user", "parts": [{"text": "a"}]},
+                   {"role": "model", "parts": [{"functionCall": {"name": "f", "args": {}}}]},
+                   {"role": "user", "parts": [{"functionResponse": {"name": "f", "response": {}}}]}]},
+     "thought_signature"),
     ({"contents": [{"role": "user", "parts": [{"text": "a"}]}], "generationConfig": {"maxTokens": 3}},
      "generationConfig"),
     ({"contents": [{"role": "user", "parts": [{"text": "a"}]}], "max_tokens": 3},

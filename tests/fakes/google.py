@@ -3,12 +3,14 @@
 Every request body is checked against ``google.genai.types`` (extra fields forbidden,
 as Gemini rejects unknown names), turns must alternate between ``user`` and ``model``,
 and a turn of function responses must answer every call of the turn before it — what
-the real API refuses, this fake refuses with Gemini's own error shape. The key must
-come in ``x-goog-api-key``; one in the URL (``?key=``) is refused.
+the real API refuses, this fake refuses with Gemini's own error shape. The first function
+call of an answer carries a thought signature, which must come back with it (as Gemini 3
+requires). The key must come in ``x-goog-api-key``; one in the URL (``?key=``) is refused.
 """
 
 from __future__ import annotations
 
+import base64
 import json
 from collections.abc import Sequence
 from typing import Any
@@ -32,6 +34,11 @@ def gemini_error(status: int, message: str, details: Sequence[dict[str, Any]] = 
     if details:
         error["details"] = list(details)
     return JSONResponse({"error": error}, status_code=status)
+
+
+def signature(name: str) -> str:
+    """The thought signature the fake puts on (and expects back on) a first call of ``name``."""
+    return base64.b64encode(f"fake-thought:{name}".encode()).decode()
 
 
 def _texts(contents: list[dict[str, Any]]) -> str:
@@ -127,6 +134,12 @@ class FakeGemini(FakeUpstream):
                 return ("Please ensure that the number of function response parts is equal to the number "
                         "of function call parts of the function call turn.")
             calls = sum(1 for p in c["parts"] if "functionCall" in p)
+        for c in contents:  # as Gemini 3 does: the first call of each step must bring its signature back
+            first = next((p for p in c["parts"] if "functionCall" in p), None)
+            if first is not None and \
+                    first.get("thoughtSignature") != signature(first["functionCall"]["name"]):
+                return ("Function call is missing a thought_signature in functionCall parts. This is "
+                        "required for tools to work correctly.")
         return None
 
     @staticmethod
@@ -140,8 +153,11 @@ class FakeGemini(FakeUpstream):
         allowed = config.get("allowedFunctionNames")
         declared = [d for d in declared if not allowed or d["name"] in allowed]
         chosen = declared if opts.get("tool_calls") == "all" else declared[:1]
-        return [{"functionCall": {"name": d["name"],
-                                  "args": example_arguments(d.get("parametersJsonSchema"))}} for d in chosen]
+        calls: list[dict[str, Any]] = [{"functionCall": {
+            "name": d["name"], "args": example_arguments(d.get("parametersJsonSchema"))}} for d in chosen]
+        if calls:  # Gemini signs the first call of a step
+            calls[0]["thoughtSignature"] = signature(calls[0]["functionCall"]["name"])
+        return calls
 
     async def generate(self, request: Request, record: Any, opts: dict[str, Any], model: str,
                        stream: bool) -> Response:
