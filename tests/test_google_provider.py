@@ -121,12 +121,15 @@ async def test_google_extra_body_reaches_gemini(gclient):
     http, upstream = gclient
     route = upstream.post(GENERATE).respond(200, json=fixture("generate_text.json"))
     safety = [{"category": "HARM_CATEGORY_HARASSMENT", "threshold": "BLOCK_NONE"}]
-    r = await http.post("/v1/chat/completions", json={**GEMINI, "temperature": 1, "google": {
-        "safetySettings": safety, "generationConfig": {"topK": 40, "temperature": 0.1}}})
+    extra = {"safetySettings": safety, "generationConfig": {
+        "topK": 40, "temperature": 0.1, "thinkingConfig": {"includeThoughts": True}}}
+    r = await http.post("/v1/chat/completions", json={**GEMINI, "temperature": 1, "reasoning_effort": "high",
+                                                      "google": extra})
     assert r.status_code == 200, r.text
     got = sent(route)
     assert got["safetySettings"] == safety
-    assert got["generationConfig"] == {"temperature": 0.1, "topK": 40}
+    assert got["generationConfig"] == {"temperature": 0.1, "topK": 40, "thinkingConfig": {
+        "thinkingBudget": 24576, "includeThoughts": True}}
 
 
 @pytest.mark.parametrize(("body", "param"), [

@@ -327,8 +327,9 @@ def _extra(extra: Any, out: dict[str, Any], config: dict[str, Any]) -> dict[str,
     if not isinstance(extra, dict):
         raise invalid("'google' must be an object of Gemini request fields", "google")
     for key, value in extra.items():
-        if key == "generationConfig" and isinstance(value, dict):
-            config = {**config, **value}
+        if key == "generationConfig" and isinstance(value, dict):  # one level deep: thinkingConfig
+            config = {**config, **{k: {**config[k], **v} if isinstance(v, dict) and isinstance(
+                config.get(k), dict) else v for k, v in value.items()}}
         elif key in PASSED:
             out[key] = value
         else:
