@@ -634,3 +634,21 @@ async def test_only_system_messages_are_a_400(gateway: Gateway) -> None:
     r, route = await chat(gateway, ok("message_text.json"), only_system)
     assert r.status_code == 400 and error_of(r)["param"] == "messages"
     assert not route.called
+
+
+async def test_a_whole_answer_to_a_stream_request_is_replayed_as_chunks(gateway: Gateway) -> None:
+    r, _ = await chat(gateway, ok("message_tool_use.json"), {**STREAM, "tools": [WEATHER],
+                                                             "stream_options": {"include_usage": True}})
+    got = chunks(r)
+    deltas = [c["choices"][0]["delta"] for c in got if c["choices"]]
+    assert deltas[0]["content"] == "I'll check the weather in both cities."
+    assert [tc["index"] for tc in deltas[0]["tool_calls"]] == [0, 1]
+    assert got[-1]["choices"] == [] and got[-1]["usage"]["prompt_tokens"] == 480
+
+
+async def test_rate_limit_error_event_mid_stream(gateway: Gateway) -> None:
+    raw = sse_fixture("stream_overloaded.sse").replace(b'"overloaded_error","message":"Overloaded"',
+                                                       b'"rate_limit_error","message":"Slow down"')
+    r, _ = await chat(gateway, streamed(raw), STREAM)
+    last = events(r)[-1]
+    assert last["error"]["type"] == "rate_limit_error" and last["error"]["message"] == "Slow down"
