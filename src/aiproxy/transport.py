@@ -177,7 +177,7 @@ class _Connection(asyncio.Protocol):
                 raise httpx.ReadTimeout("timed out reading the upstream's response")
 
 
-class _Body(httpx.AsyncByteStream):
+class Body(httpx.AsyncByteStream):
     """A response body; reading it to its end or closing it gives the connection back."""
 
     def __init__(self, pool: Transport, conn: _Connection, read_timeout: float | None) -> None:
@@ -199,6 +199,11 @@ class _Body(httpx.AsyncByteStream):
             self._done(reuse=False)
             raise
         self._done(reuse=True)
+
+    async def read(self) -> bytes:
+        """The whole (rest of the) body."""
+        parts = [chunk async for chunk in self]
+        return parts[0] if len(parts) == 1 else b"".join(parts)
 
     async def aclose(self) -> None:
         self._done(reuse=True)
@@ -243,7 +248,7 @@ class Transport(httpx.AsyncBaseTransport):
         if request.method == "HEAD":
             conn.complete, conn.keep_alive = True, False
         return httpx.Response(conn.status, headers=conn.headers,
-                              stream=_Body(self, conn, timeouts.get("read")),
+                              stream=Body(self, conn, timeouts.get("read")),
                               extensions={"http_version": b"HTTP/1.1"})
 
     async def aclose(self) -> None:

@@ -28,6 +28,8 @@ from httpx._types import (
     TimeoutTypes,
 )
 
+from aiproxy.transport import Body
+
 _URL_CACHE_SIZE = 1024
 
 
@@ -45,7 +47,7 @@ class UpstreamClient(httpx.AsyncClient):
                       extensions: RequestExtensions | None = None) -> httpx.Request:
         if params or not isinstance(url, str) or not isinstance(headers, dict | None) \
                 or data is not None or files is not None or json is not None or cookies is not None \
-                or extensions is not None or self.base_url.raw_host or self.cookies:
+                or extensions is not None or self.base_url.raw_host or self._has_cookies():
             return super().build_request(method, url, content=content, data=data, files=files, json=json,
                                          params=params, headers=headers, cookies=cookies, timeout=timeout,
                                          extensions=extensions)
@@ -59,6 +61,11 @@ class UpstreamClient(httpx.AsyncClient):
         return httpx.Request(method, parsed, content=content, headers=merged,
                              extensions={"timeout": limits.as_dict()})
 
+    def _has_cookies(self) -> bool:
+        # ``bool(self.cookies)`` walks the whole jar on every call; its dict is enough
+        jar: Any = self._cookies.jar
+        return bool(getattr(jar, "_cookies", True))
+
     async def send(self, request: httpx.Request, *, stream: bool = False,
                    auth: AuthTypes | UseClientDefault | None = USE_CLIENT_DEFAULT,
                    follow_redirects: bool | UseClientDefault = USE_CLIENT_DEFAULT) -> httpx.Response:
@@ -70,10 +77,19 @@ class UpstreamClient(httpx.AsyncClient):
             raise RuntimeError("Cannot send a request, as the client has been closed.")
         response = await self._transport_for_url(request.url).handle_async_request(request)
         response.request = request
-        if not stream:
-            try:
-                await response.aread()
-            except BaseException:
-                await response.aclose()
-                raise
+        if stream:
+            return response
+        body = response.stream
+        if isinstance(body, Body) and "content-encoding" not in response.headers:
+            # read straight off the connection: no decoder and chunker chain for a plain body
+            content = await body.read()  # a failure mid-body closes the connection itself
+            whole = httpx.Response(response.status_code, content=content, request=request,
+                                   extensions=response.extensions)
+            whole.headers = response.headers  # the upstream's, without a content-length added
+            return whole
+        try:
+            await response.aread()
+        except BaseException:
+            await response.aclose()
+            raise
         return response
