@@ -29,5 +29,10 @@ lint: $(VENV)/.installed-test
 	$(BIN)/ruff check src tests plugins
 	$(BIN)/mypy
 
+# The benchmark (needs wrk: apt-get install wrk); writes bench/RESULTS.md. BENCH_ARGS=--quick
+# for a short run, BENCH_ARGS="--compare litellm" to run the LiteLLM proxy beside it.
+bench: $(VENV)/.installed-serve
+	$(BIN)/python bench/run.py $(BENCH_ARGS)
+
 clean:
 	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache

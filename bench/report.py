@@ -1,0 +1,171 @@
+"""bench/RESULTS.md from one run's measurements."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from measure import Load
+
+NOTES = """\
+## What the profile showed (py-spy, aiproxy bare, wrk c16)
+
+- **Before** (`httpx.AsyncClient` over httpcore): about 60 % of the gateway's CPU was the
+  upstream client: httpcore's pool asked every pooled connection, on every request,
+  whether it had expired (`_assign_requests_to_connections` → `has_expired` →
+  anyio `get_extra_info` + a `select` on the socket), and `AsyncClient.send` /
+  `build_request` re-parsed the URL (`_merge_url`, 8 %), merged cookies and extracted
+  them from every answer (`extract_cookies`, 7 %), ran the auth and redirect machinery.
+  httpcore2 (under `httpx2`) has the same pool design.
+- **After**: `aiproxy.transport.Transport` keeps idle connections in a per-origin list
+  that the event loop prunes (`connection_lost`), so taking one is a `list.pop`; the
+  response is parsed by httptools in `data_received`. `aiproxy.upstream_client.UpstreamClient`
+  sends providers' requests straight to the transport and caches parsed URLs. What is
+  left is spread thin: uvicorn's and the transport's socket writes (syscalls, ~14 %),
+  Starlette's request/response objects and middleware stack, building the
+  `httpx.Request` (headers normalised once), the gateway's own stages.
+"""
+
+
+def _ms(v: float | None, digits: int = 2) -> str:
+    return "-" if v is None else f"{v:.{digits}f}"
+
+
+def _load(t: Any, c: int) -> Load | None:
+    return t.load.get(c) if t is not None else None
+
+
+def _added(t: Any, d: Any, c: int, which: str) -> float | None:
+    a, b = _load(t, c), _load(d, c)
+    return None if a is None or b is None else getattr(a, which) - getattr(b, which)
+
+
+def _peak(t: Any) -> float | None:
+    rps = [x.rps for x in t.load.values()] if t is not None else []
+    return max(rps) if rps else None
+
+
+def _verdict(ok: bool | None) -> str:
+    return "-" if ok is None else ("met" if ok else "**not met**")
+
+
+def targets(r: dict[str, Any]) -> list[str]:
+    s, d, lite = r.get("stages"), r["direct"], r.get("litellm")
+    cpu = _load(s, 16).cpu_ms_per_req if _load(s, 16) else None
+    add1 = _added(s, d, 1, "p50_ms")
+    p99_16 = _added(s, d, 16, "p99_ms")
+    peak, dpeak, lpeak = _peak(s), _peak(d), _peak(lite) if lite is not None and lite.load else None
+    ttft = (s.stream.ttft_ms - d.stream.ttft_ms) if s and s.stream and d.stream else None
+    series = s.rss_series if s else []
+    growth = (max(series) - series[1]) if len(series) > 2 else None
+    rows = [
+        ("proxy CPU per non-streaming request (c16)", "≤ 0.6 ms", f"{_ms(cpu, 3)} ms",
+         cpu is not None and cpu <= 0.6),
+        ("added latency p50, concurrency 1", "≤ 1 ms", f"{_ms(add1, 3)} ms",
+         add1 is not None and add1 <= 1),
+        ("added latency p99, concurrency 16", "≤ 5 ms", f"{_ms(p99_16)} ms",
+         p99_16 is not None and p99_16 <= 5),
+        ("throughput vs LiteLLM proxy (1 worker each)", "≥ 30x",
+         f"{peak / lpeak:.1f}x ({peak:.0f} vs {lpeak:.0f} req/s)" if peak and lpeak else
+         "not run (`--compare litellm`)" if lite is None else f"LiteLLM failed: {lite.note}",
+         (peak / lpeak >= 30) if peak and lpeak else None),
+        ("throughput vs direct to upstream", "≥ 40 %",
+         f"{100 * peak / dpeak:.1f} % ({peak:.0f} vs {dpeak:.0f} req/s)" if peak and dpeak else "-",
+         (peak / dpeak >= 0.4) if peak and dpeak else None),
+        ("streaming first token added", "≤ 1 ms", f"{_ms(ttft, 3)} ms", ttft is not None and ttft <= 1),
+        ("RSS per worker after the soak", "≤ 120 MB", f"{_ms(s.rss_after_mb if s else None, 1)} MB",
+         s is not None and s.rss_after_mb is not None and s.rss_after_mb <= 120),
+        (f"RSS growth over {s.soak_calls if s else 0:,} calls (after the first slice)", "flat",
+         f"{_ms(growth, 1)} MB", growth is not None and growth <= 5),
+        ("cold start to first 200", "≤ 1.5 s", f"{_ms(s.cold_start_s if s else None, 2)} s",
+         s is not None and s.cold_start_s is not None and s.cold_start_s <= 1.5),
+    ]
+    out = ["| target (all stages on) | goal | measured | |", "|---|---|---|---|"]
+    out += [f"| {a} | {b} | {c} | {_verdict(ok)} |" for a, b, c, ok in rows]
+    return out
+
+
+def load_table(r: dict[str, Any], rows: list[Any], levels: tuple[int, ...] = (1, 16, 64)) -> list[str]:
+    head = "| | " + " | ".join(f"c{c} p50 / p99 ms | c{c} req/s" for c in levels) + " | CPU ms/req (c16) |"
+    out = [head, "|---" * (2 * len(levels) + 2) + "|"]
+    for t in rows:
+        if t is None:
+            continue
+        if not t.load:
+            out.append(f"| {t.name} | " + " | ".join("-" for _ in range(2 * len(levels))) + f" | {t.note} |")
+            continue
+        cells = []
+        for c in levels:
+            x = t.load.get(c)
+            cells += ["-", "-"] if x is None else [f"{x.p50_ms:.2f} / {x.p99_ms:.2f}", f"{x.rps:,.0f}"]
+        c16 = t.load.get(16)
+        cpu = _ms(c16.cpu_ms_per_req, 3) if c16 and c16.cpu_ms_per_req is not None else "-"
+        out.append(f"| {t.name} | " + " | ".join(cells) + f" | {cpu} |")
+    return out
+
+
+def markdown(r: dict[str, Any], quick: bool) -> str:
+    m, st, d = r["machine"], r["settings"], r["direct"]
+    gateways = [r.get("bare"), r.get("stages"), r.get("litellm")]
+    lines = [
+        "# aiproxy benchmark results" + (" (quick run)" if quick else ""),
+        "",
+        f"Measured {m['date']} on {m['cpus']} vCPU ({m['cpu']}), {m['memory']} RAM, Linux {m['kernel']}, "
+        f"Python {m['python']}, {m['wrk']}. Reproduce: `make bench` (or `python bench/run.py --quick`; "
+        "`--compare litellm` adds the LiteLLM proxy). How it works: [bench/run.py](run.py).",
+        "",
+        f"Setup: the fake upstream ([bench/upstream.py](upstream.py), zero latency, {st['tokens']} tokens) "
+        "and wrk share core 0; the gateway runs one worker pinned to core 1. wrk is a closed loop of "
+        f"c connections for {st['seconds']:g} s per point; latencies are wrk's. Added latency = through the "
+        "gateway minus straight to the upstream at the same concurrency, in the same run. CPU per request is "
+        "the gateway process's utime+stime over the point divided by its requests. Streaming: "
+        f"{st['streams']} streams one after another from a small asyncio client, upstream chunks "
+        f"{st['chunk_delay_ms']:g} ms apart.",
+        "",
+        "**Configurations.** *bare*: no master key, the keys and database plugins disabled; the "
+        "openai provider to the fake. *stages*: every stage that exists so far: a master key, and "
+        "each call authenticated by a virtual key (`keys.required`, a declared key, SQLite database; "
+        "looked up in the in-process key cache, no database round trip). The rate-limit, cache, cost "
+        "and usage-log stages do not exist yet (their issues are open), so the *stages* figures are "
+        "pending them; the Redis + PostgreSQL configuration likewise.",
+        "",
+        "## Targets",
+        "",
+        *targets(r),
+        "",
+        "## Non-streaming load",
+        "",
+        *load_table(r, [d, *gateways]),
+        "",
+        "Added latency (gateway - direct), ms:",
+        "",
+        "| | c1 p50 | c1 p99 | c16 p50 | c16 p99 | c64 p50 | c64 p99 |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    for t in gateways:
+        if t is not None and t.load:
+            cells = [_ms(_added(t, d, c, w), 3) for c in (1, 16, 64) for w in ("p50_ms", "p99_ms")]
+            lines.append(f"| {t.name} | " + " | ".join(cells) + " |")
+    lines += ["", "## Streaming", "", "| | first event p50 ms | added | gap between events p50 ms | added |",
+              "|---|---|---|---|---|"]
+    for t in [d, *gateways]:
+        if t is not None and t.stream is not None:
+            ds = d.stream
+            added_first = "" if t is d else _ms(t.stream.ttft_ms - ds.ttft_ms, 3)
+            added_gap = "" if t is d else _ms(t.stream.gap_ms - ds.gap_ms, 3)
+            lines.append(f"| {t.name} | {t.stream.ttft_ms:.3f} | {added_first} | {t.stream.gap_ms:.3f} | "
+                         f"{added_gap} |")
+    lines += ["", "## Start-up and memory", "",
+              "| | cold start to first 200 | RSS at start | RSS after | soak calls "
+              "| RSS over the soak (MB) |",
+              "|---|---|---|---|---|---|"]
+    for t in gateways:
+        if t is not None and t.cold_start_s is not None:
+            series = " → ".join(f"{x:.0f}" for x in t.rss_series) if t.rss_series else "-"
+            lines.append(f"| {t.name} | {t.cold_start_s:.2f} s | {_ms(t.rss_start_mb, 1)} MB | "
+                         f"{_ms(t.rss_after_mb, 1)} MB | {t.soak_calls:,} | {series} |")
+    if r.get("transports"):
+        lines += ["", "## Choosing the upstream client (aiproxy bare, same run)", "",
+                  "Each is served by `bench/transports.py NAME serve`; see that file for what each name is.",
+                  "", *load_table(r, r["transports"], levels=(1, 16))]
+    lines += ["", NOTES]
+    return "\n".join(lines) + "\n"
