@@ -156,3 +156,27 @@ async def test_a_client_that_leaves_cancels_the_attempt_and_no_retry_follows():
             assert [d.in_flight for d in router.pool("chat").deployments] == [0, 0]
         assert took < 2
         assert upstream.asked == ["a.test"] and upstream.cancelled == ["a.test"]
+
+
+async def test_least_busy_counts_a_stream_until_it_ends():
+    from starlette.datastructures import Headers
+
+    from aiproxy.call import Call
+
+    models = pool("mock", "mock", strategy="least_busy")
+    models[1]["id"] = "mock-2"
+    async with proxy(models) as p:
+        first, second = p.router.pool("chat").deployments
+        call = Call(request_id="r", operation="chat", body={**BODY_STREAM}, model="chat", stream=True,
+                    headers=Headers())
+        call.deployment = p.router.pick("chat")
+        event, rest = await p.router.stream(call, "chat_stream")
+        assert event is not None and call.deployment.in_flight == 1  # under way: still counted
+        nxt = p.router.pick("chat")
+        assert nxt is not call.deployment  # so the next call goes to the other one
+        chunks = [chunk async for chunk in rest]
+        assert chunks and call.deployment.in_flight == 0
+        assert {first.in_flight, second.in_flight} == {0}
+
+
+BODY_STREAM = {"model": "chat", "stream": True, "messages": [{"role": "user", "content": "x"}]}

@@ -49,7 +49,8 @@ class Deployment:
     weight: float | None = None
     route: dict[str, frozenset[str]] = field(default_factory=dict)
     limits: Timeouts = field(default_factory=Timeouts)  # first_token, idle, total
-    in_flight: int = 0  # attempts running now, in this process
+    in_flight: int = 0  # attempts (and, for least_busy, streams) running now, in this process
+    count_streams: bool = False  # least_busy: a stream counts as in flight until it ends
     latency: float | None = None  # moving average of successful attempts, seconds
 
     def upstream_model(self, requested: str) -> str:
@@ -98,6 +99,8 @@ class Pool:
         self.simple = (len(self.deployments) == 1 and not self.routed and not s.fallbacks
                        and not s.context_window_fallbacks and not s.content_policy_fallbacks)
         self.split = s.strategy == "weighted" or self.routed
+        for d in self.deployments:
+            d.count_streams = s.strategy == "least_busy"
 
     def candidates(self, principal: Principal | None) -> list[Deployment]:
         """The deployments that may serve this caller: those whose ``route:`` admits it,

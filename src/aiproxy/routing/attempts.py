@@ -71,6 +71,8 @@ async def stream(router: Router, call: Call, method: str) -> tuple[bytes | None,
             raise
         if limits.idle is not None or limits.total is not None:
             events = _guarded(events, d, limits.idle, None if limits.total is None else began + limits.total)
+        if d.count_streams:
+            events = _Counted(events, d)
         return first, events
 
     return await run(router, call, attempt)
@@ -247,6 +249,35 @@ async def _close(events: AsyncIterator[bytes]) -> None:
     aclose = getattr(events, "aclose", None)
     if aclose is not None:
         await aclose()
+
+
+class _Counted:
+    """``events``, counted in ``d.in_flight`` from now until the stream ends or is closed
+    (least_busy: a stream is busy until its last event, not only until its first)."""
+
+    def __init__(self, events: AsyncIterator[bytes], d: Deployment) -> None:
+        d.in_flight += 1
+        self._events = events
+        self._d: Deployment | None = d
+
+    def __aiter__(self) -> _Counted:
+        return self
+
+    async def __anext__(self) -> bytes:
+        try:
+            return await anext(self._events)
+        except BaseException:  # the end, a failure, or a cancellation
+            self._release()
+            raise
+
+    def _release(self) -> None:
+        if self._d is not None:
+            self._d.in_flight -= 1
+            self._d = None
+
+    async def aclose(self) -> None:
+        self._release()
+        await _close(self._events)
 
 
 async def _guarded(events: AsyncIterator[bytes], d: Deployment, idle: float | None,
