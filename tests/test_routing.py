@@ -377,3 +377,18 @@ async def test_a_mock_529_per_request_is_retried_then_reported():
     assert r.status_code == 503 and p.sleeps == [2.0]
     assert error_of(r)["code"] == "upstream_unavailable"
     assert r.headers["x-aiproxy-attempts"] == "2"
+
+
+async def test_a_deployment_is_named_by_provider_model_and_place_never_by_its_key():
+    models = [{"name": "chat", "provider": "a", "model": "up-a"}, {"name": "chat", "provider": "b"}]
+    async with proxy(models) as p:
+        p.upstream.post(A_URL).mock(return_value=failure(503, message="key sk-a-secret-1111 is bad"))
+        p.upstream.post(B_URL).respond(200, json=answer())
+        ok = await p.chat()
+        p.upstream.post(B_URL).mock(return_value=failure(502))
+        bad = await p.chat()
+    assert ok.headers["x-aiproxy-deployment"] == "b/chat#1"
+    assert [d.id for d in p.router.pool("chat").deployments] == ["a/up-a#0", "b/chat#1"]
+    for r in (ok, bad):
+        assert "secret" not in r.text and not any("secret" in v for v in r.headers.values())
+    assert bad.headers["x-aiproxy-attempts"] == "2"

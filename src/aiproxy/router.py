@@ -129,7 +129,7 @@ class RoutingStats:
     retries: int = 0  # attempts after the first within a pool
     fallbacks: int = 0  # moves to another model name
     cooldowns: int = 0  # deployments taken out
-    exhausted: int = 0  # calls that got an error after every allowed attempt
+    exhausted: int = 0  # calls that got an error after more than one attempt
     served: Counter[str] = field(default_factory=Counter)  # deployment id → successful attempts
     failures: Counter[str] = field(default_factory=Counter)  # deployment id → failed attempts
 

@@ -18,6 +18,7 @@ the one that served names itself in ``x-aiproxy-deployment``.
 from __future__ import annotations
 
 import asyncio
+import logging
 from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import TYPE_CHECKING, Any, TypeVar
 
@@ -29,6 +30,7 @@ if TYPE_CHECKING:
     from aiproxy.provider import Reply
     from aiproxy.router import Deployment, Pool, Router
 
+log = logging.getLogger("aiproxy.routing")
 T = TypeVar("T")
 Attempt = Callable[["Deployment"], Awaitable[T]]
 _LATENCY_WEIGHT = 0.3  # of the newest sample in the moving average
@@ -85,8 +87,8 @@ async def run(router: Router, call: Call, attempt: Attempt[T]) -> T:
     settings = pool.settings
     model = call.model
     deadline = clock() + settings.deadline
-    log: list[dict[str, Any]] = []
-    call.metadata["attempts"] = log
+    record: list[dict[str, Any]] = []
+    call.metadata["attempts"] = record
     stats = router.stats
     chain: list[str] | None = None  # the models still to fall back to, once needed
     special = False  # moved to context-window / content-policy fallbacks already
@@ -112,11 +114,11 @@ async def run(router: Router, call: Call, attempt: Attempt[T]) -> T:
             except ProxyError as exc:
                 error = exc
             except asyncio.CancelledError:
-                log.append(_entry(current, 499, "client_closed_request", clock() - began))
+                record.append(_entry(current, 499, "client_closed_request", clock() - began))
                 raise
             else:
                 elapsed = clock() - began
-                log.append(_entry(current, 200, None, elapsed))
+                record.append(_entry(current, 200, None, elapsed))
                 _served(router, call, pool, current, elapsed)
                 if model != call.model:
                     call.metadata["fallback"] = model
@@ -125,7 +127,7 @@ async def run(router: Router, call: Call, attempt: Attempt[T]) -> T:
                 return result
             finally:
                 current.in_flight -= 1
-            log.append(_entry(current, error.status, error.code, clock() - began))
+            record.append(_entry(current, error.status, error.code, clock() - began))
             stats.failures[current.id] += 1
             used += 1
             failed, current = current, None
@@ -146,6 +148,8 @@ async def run(router: Router, call: Call, attempt: Attempt[T]) -> T:
                         wait = max(policy.backoff(used, settings.backoff_base, settings.backoff_max,
                                                   router.rng), tried[nxt.id])
                     if clock() + wait < deadline:
+                        log.info("request %s: %s failed (%s %s); retrying on %s in %.2fs", call.request_id,
+                                 failed.id, error.status, error.code, nxt.id, wait)
                         stats.retries += 1
                         if wait:
                             await router.sleep(wait)
@@ -164,6 +168,8 @@ async def run(router: Router, call: Call, attempt: Attempt[T]) -> T:
                 continue  # its provider is unavailable: the next one
             settings = pool.settings
             current = await _maybe_next(router, call, pool, skip_cooling=bool(chain))
+        log.info("request %s for %s: falling back to %s (%s)", call.request_id, call.model, model,
+                 "no attempt made" if error is None else f"{error.status} {error.code}")
         stats.fallbacks += 1
         tried = {}
         used = 0

@@ -76,7 +76,8 @@ def retry_after(exc: ProxyError, now: float | None = None) -> float | None:
 
 
 def backoff(attempt: int, base: float, cap: float, rng: random.Random) -> float:
-    """Exponential backoff with full jitter for the ``attempt``-th repeat (1, 2, …)."""
+    """Exponential backoff for the ``attempt``-th repeat (1, 2, …), jittered over its upper half:
+    a wait in [c/2, c] with c = min(cap, base·2^(attempt-1))."""
     if base <= 0:
         return 0.0
     ceiling = min(cap, base * (2 ** (attempt - 1)))
