@@ -102,3 +102,15 @@ async def test_calls_succeed_while_the_breaker_store_is_down():
         answers = [await p.chat() for _ in range(3)]
     assert [r.status_code for r in answers] == [200, 200, 200]
     assert p.router.breaker.cooling("a") > 0  # the local state took over
+
+
+async def test_a_redis_url_redis_cannot_use_leaves_cooldowns_in_process(caplog):
+    from aiproxy.routing.breaker import LocalBreaker
+
+    with caplog.at_level(logging.WARNING, logger="aiproxy.router"):
+        async with proxy(pool("a"), redis={"url": "http://user:hunter2@127.0.0.1:6379"}) as p:
+            p.upstream.post(A_URL).respond(200, json=answer())
+            assert (await p.chat()).status_code == 200
+            assert type(p.router.breaker) is LocalBreaker
+    assert any("cooldown state stays in process" in r.getMessage() for r in caplog.records)
+    assert "hunter2" not in caplog.text

@@ -134,6 +134,15 @@ class RoutingStats:
     failures: Counter[str] = field(default_factory=Counter)  # deployment id → failed attempts
 
 
+def _breaker(redis_url: str | None, prefix: str, clock: Callable[[], float]) -> LocalBreaker:
+    if redis_url:
+        try:
+            return RedisBreaker(redis_url, prefix, clock)
+        except ValueError:  # a URL redis cannot use (not logged: it may hold a password)
+            log.warning("routing: redis.url is not a redis:// URL; cooldown state stays in process")
+    return LocalBreaker(clock)
+
+
 @dataclass(slots=True)
 class _Pattern:
     prefix: str
@@ -164,8 +173,7 @@ class Router:
         self.sleep: Callable[[float], Awaitable[None]] = asyncio.sleep
         self.rng = random.Random()
         self.stats = RoutingStats()
-        self.breaker: LocalBreaker = (RedisBreaker(redis_url, redis_prefix, self._now) if redis_url
-                                      else LocalBreaker(self._now))
+        self.breaker = _breaker(redis_url, redis_prefix, self._now)
         entries: dict[str, list[ModelConfig]] = {}
         for m in models:
             entries.setdefault(m.name, []).append(m)
