@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import gc
 import logging
 import os
 import sys
@@ -110,7 +111,9 @@ def _serve(args: argparse.Namespace) -> int:
         create_app(config)  # fail here, once, on a bad plugin, not in every worker
         uvicorn.run("aiproxy.cli:worker_app", factory=True, workers=workers, **common)  # type: ignore[arg-type]
     else:
-        uvicorn.run(create_app(config), **common)  # type: ignore[arg-type]
+        app = create_app(config)
+        settle_heap()
+        uvicorn.run(app, **common)  # type: ignore[arg-type]
     return 0
 
 
@@ -119,7 +122,20 @@ def worker_app() -> object:
     from aiproxy.app import create_app
 
     _setup_logging(os.environ.get(LOG_LEVEL_ENV, "info"))
-    return create_app(_load(None))
+    app = create_app(_load(None))
+    settle_heap()
+    return app
+
+
+def settle_heap() -> None:
+    """Put what start-up loaded (modules, SDK types, plugins) out of the collector's reach.
+
+    Otherwise every full collection walks it all again: ~100 ms pauses every few
+    seconds under load, measured in bench/ (with this, ~4 ms). Only the serving
+    process does this, never an app built in tests.
+    """
+    gc.collect()
+    gc.freeze()
 
 
 def _setup_logging(level: str) -> None:
