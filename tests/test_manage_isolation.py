@@ -131,6 +131,18 @@ async def test_lists_hold_only_the_callers_tenant(world: World, path: str) -> No
                             for row in everything.json()["data"]}
 
 
+async def test_filters_do_not_reach_into_another_tenant(world: World) -> None:
+    api, a, b = world.api, world.a, world.b
+    r = await api.call("GET", f"/keys?user_id={b.member_user}", key=a.admin_key)
+    assert r.status_code == 200 and r.json()["data"] == []
+    r = await api.call("GET", f"/providers/openai/credentials?tenant_id={b.id}", key=a.admin_key)
+    assert r.status_code == 404 and B_OWN_KEY not in r.text
+    providers = (await api.call("GET", "/providers", key=a.admin_key)).json()["data"]
+    assert all(p.get("credential") is None for p in providers)  # B's key is not A's
+    mine = (await api.call("GET", "/providers", key=b.admin_key)).json()["data"]
+    assert [p["credential"]["fingerprint"] for p in mine if p.get("credential")] == ["…9876"]
+
+
 async def test_self_is_the_callers_own_key_whoever_asks(world: World) -> None:
     for t in (world.a, world.b):
         for key, key_id in ((t.admin_key, t.admin_key_id), (t.member_key, t.member_key_id)):
