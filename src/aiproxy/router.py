@@ -241,12 +241,12 @@ class Router:
 
     async def whole(self, call: Call, method: str) -> Reply:
         """Run ``provider.<method>`` for a whole answer, with retries and fallbacks."""
-        return await attempts.whole(self, call, method)
+        return await attempts.run(self, call, method, attempts.whole)
 
     async def stream(self, call: Call, method: str) -> tuple[bytes | None, AsyncIterator[bytes]]:
         """Open a stream (retried and fallen back until its first event): that event,
         then the rest; idle and total timeouts end it with an error event."""
-        return await attempts.stream(self, call, method)
+        return await attempts.run(self, call, method, attempts.stream)
 
     def exact_names(self) -> list[tuple[str, str]]:
         return [(name, pool.deployments[0].provider.name) for name, pool in self._exact.items()]

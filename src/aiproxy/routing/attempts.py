@@ -32,55 +32,52 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("aiproxy.routing")
 T = TypeVar("T")
-Attempt = Callable[["Deployment"], Awaitable[T]]
+Attempt = Callable[["Call", "Deployment", str], Awaitable[T]]
 _LATENCY_WEIGHT = 0.3  # of the newest sample in the moving average
 
 
-async def whole(router: Router, call: Call, method: str) -> Reply:
-    async def attempt(d: Deployment) -> Reply:
-        answer: Awaitable[Reply] = getattr(d.provider, method)(call, d)
-        total = d.limits.total
-        if total is None:
+async def whole(call: Call, d: Deployment, method: str) -> Reply:
+    """One attempt at a whole answer: ``provider.<method>``, within ``timeout.total``."""
+    answer: Awaitable[Reply] = getattr(d.provider, method)(call, d)
+    total = d.limits.total
+    if total is None:
+        return await answer
+    try:
+        async with asyncio.timeout(total):
             return await answer
-        try:
-            async with asyncio.timeout(total):
-                return await answer
-        except TimeoutError:
-            raise _timed_out(d, f"did not answer within {total:g}s (timeout.total)") from None
-
-    return await run(router, call, attempt)
+    except TimeoutError:
+        raise _timed_out(d, f"did not answer within {total:g}s (timeout.total)") from None
 
 
-async def stream(router: Router, call: Call, method: str) -> tuple[bytes | None, AsyncIterator[bytes]]:
-    async def attempt(d: Deployment) -> tuple[bytes | None, AsyncIterator[bytes]]:
-        events: AsyncIterator[bytes] = getattr(d.provider, method)(call, d)
-        began = asyncio.get_running_loop().time()
-        limits = d.limits
-        wait = _least(limits.first_token, limits.total)
-        try:
-            if wait is None:
-                first: bytes | None = await anext(events)
-            else:
-                async with asyncio.timeout(wait):
-                    first = await anext(events)
-        except StopAsyncIteration:
-            first = None
-        except TimeoutError:
-            await _close(events)
-            raise _timed_out(d, f"sent no first token within {wait:g}s", "first_token_timeout") from None
-        except BaseException:
-            await _close(events)
-            raise
-        if limits.idle is not None or limits.total is not None:
-            events = _guarded(events, d, limits.idle, None if limits.total is None else began + limits.total)
-        if d.count_streams:
-            events = _Counted(events, d)
-        return first, events
+async def stream(call: Call, d: Deployment, method: str) -> tuple[bytes | None, AsyncIterator[bytes]]:
+    """One attempt at a stream, up to its first event (within ``timeout.first_token``);
+    the rest comes guarded by ``timeout.idle`` and ``timeout.total``."""
+    events: AsyncIterator[bytes] = getattr(d.provider, method)(call, d)
+    began = asyncio.get_running_loop().time()
+    limits = d.limits
+    wait = _least(limits.first_token, limits.total)
+    try:
+        if wait is None:
+            first: bytes | None = await anext(events)
+        else:
+            async with asyncio.timeout(wait):
+                first = await anext(events)
+    except StopAsyncIteration:
+        first = None
+    except TimeoutError:
+        await _close(events)
+        raise _timed_out(d, f"sent no first token within {wait:g}s", "first_token_timeout") from None
+    except BaseException:
+        await _close(events)
+        raise
+    if limits.idle is not None or limits.total is not None:
+        events = _guarded(events, d, limits.idle, None if limits.total is None else began + limits.total)
+    if d.count_streams:
+        events = _Counted(events, d)
+    return first, events
 
-    return await run(router, call, attempt)
 
-
-async def run(router: Router, call: Call, attempt: Attempt[T]) -> T:
+async def run(router: Router, call: Call, method: str, attempt: Attempt[T]) -> T:
     """Attempts until one succeeds; raise the last error when none may follow."""
     clock = router.clock
     pool = router.pool(call.model)
@@ -110,7 +107,7 @@ async def run(router: Router, call: Call, attempt: Attempt[T]) -> T:
             stats.attempts += 1
             current.in_flight += 1
             try:
-                result = await attempt(current)
+                result = await attempt(call, current, method)
             except ProxyError as exc:
                 error = exc
             except asyncio.CancelledError:
@@ -216,7 +213,7 @@ def _served(router: Router, call: Call, pool: Pool, d: Deployment, elapsed: floa
     if pool.split:
         call.metadata["arm"] = d.id
     call.response_headers["x-aiproxy-deployment"] = d.id
-    call.response_headers["x-aiproxy-attempts"] = str(call.attempts)
+    call.response_headers["x-aiproxy-attempts"] = "1" if call.attempts == 1 else str(call.attempts)
 
 
 def _final(router: Router, call: Call, error: ProxyError) -> ProxyError:
