@@ -32,8 +32,9 @@ class Server:
         self._ended = asyncio.Event()
 
     async def __aenter__(self) -> Server:
-        self._server = await asyncio.start_server(self._handle, "127.0.0.1", 0)
-        self.port = self._server.sockets[0].getsockname()[1]
+        if self._server is None:  # (the https test starts its own)
+            self._server = await asyncio.start_server(self._handle, "127.0.0.1", 0)
+            self.port = self._server.sockets[0].getsockname()[1]
         return self
 
     async def __aexit__(self, *exc: object) -> None:
@@ -362,3 +363,51 @@ async def test_timeout_given_to_build_request_reaches_the_transport() -> None:
         assert request.headers["a"] == "1" and "user-agent" in request.headers
         await http.send(request)
     assert got == [{"connect": 3.0, "read": 7.0, "write": 3.0, "pool": 3.0}]
+
+
+def _self_signed(tmp: Any) -> tuple[str, str]:
+    """A certificate for 127.0.0.1 and its key, as PEM files."""
+    import datetime as dt
+    import ipaddress
+
+    from cryptography import x509
+    from cryptography.hazmat.primitives import hashes, serialization
+    from cryptography.hazmat.primitives.asymmetric import ec
+    from cryptography.x509.oid import NameOID
+
+    key = ec.generate_private_key(ec.SECP256R1())
+    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "127.0.0.1")])
+    now = dt.datetime.now(dt.UTC)
+    cert = (x509.CertificateBuilder().subject_name(name).issuer_name(name).public_key(key.public_key())
+            .serial_number(x509.random_serial_number())
+            .not_valid_before(now - dt.timedelta(minutes=1)).not_valid_after(now + dt.timedelta(hours=1))
+            .add_extension(x509.SubjectAlternativeName([x509.IPAddress(ipaddress.ip_address("127.0.0.1"))]),
+                           critical=False)
+            .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
+            .sign(key, hashes.SHA256()))
+    cert_path, key_path = tmp / "cert.pem", tmp / "key.pem"
+    cert_path.write_bytes(cert.public_bytes(serialization.Encoding.PEM))
+    key_path.write_bytes(key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
+                                           serialization.NoEncryption()))
+    return str(cert_path), str(key_path)
+
+
+async def test_https_verifies_the_server_and_reuses_the_connection(tmp_path: Any) -> None:
+    import ssl
+
+    cert, key = _self_signed(tmp_path)
+    server_ctx = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    server_ctx.load_cert_chain(cert, key)
+    s = Server()
+    s._server = await asyncio.start_server(s._handle, "127.0.0.1", 0, ssl=server_ctx)
+    s.port = s._server.sockets[0].getsockname()[1]
+    async with s:
+        url = f"https://127.0.0.1:{s.port}/json"
+        async with client() as http:  # the system's CAs: our certificate is refused
+            with pytest.raises(httpx.ConnectError):
+                await http.get(url)
+        trusting = ssl.create_default_context(cafile=cert)
+        async with UpstreamClient(transport=Transport(ssl_context=trusting), timeout=5.0) as http:
+            for _ in range(2):
+                assert (await http.get(url)).json() == {"ok": True}
+        assert s.connections == 1  # both calls on one connection (the refused handshake never got here)
