@@ -183,3 +183,24 @@ async def test_an_unreachable_database_is_reported_as_unavailable(tmp_path: obje
                 await KeyStore(engine).lookup_by_hash("0" * 64)
         finally:
             await engine.dispose()
+
+
+async def test_live_keys_include_a_rotated_key_in_its_grace_period(store: KeyStore) -> None:
+    clock = Clock()
+    store.clock = clock
+    _, graced = await store.create_key(name="graced")
+    _, gone = await store.create_key(name="gone")
+    _, new = await store.rotate_key(graced.id, tenant=None, grace=dt.timedelta(minutes=5))
+    await store.revoke_key(gone.id, tenant=None)
+    live = {k.id for k in await store.list_keys(tenant=None, include_revoked=False)}
+    assert live == {graced.id, new.id}
+    clock.now = T0 + dt.timedelta(minutes=5)
+    assert {k.id for k in await store.list_keys(tenant=None, include_revoked=False)} == {new.id}
+
+
+async def test_update_refuses_a_naive_expiry_and_a_negative_limit(store: KeyStore) -> None:
+    _, key = await store.create_key()
+    with pytest.raises(StoreError, match="timezone-aware"):
+        await store.update_key(key.id, tenant=None, expires_at=dt.datetime(2031, 1, 1))
+    with pytest.raises(StoreError, match="at least 0"):
+        await store.update_key(key.id, tenant=None, monthly_limit_tokens=-1)

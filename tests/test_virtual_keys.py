@@ -91,7 +91,8 @@ async def test_a_key_authenticates_as_its_principal_with_no_query_after_the_firs
         tenant = await e.store.create_tenant("acme")
         user = await e.store.create_user(tenant_id=tenant.id, email="a@acme.test")
         secret, key = await e.store.create_key(user_id=user.id, tier="pro", allowed_models=["mock-gpt"],
-                                               monthly_limit_tokens=5000, name="ci")
+                                               monthly_limit_tokens=5000, name="ci",
+                                               metadata={"team": "ml", "monthly_limit_tokens": None})
         e.queries.clear()
         for _ in range(5):
             r = await e.chat(secret)
@@ -102,6 +103,7 @@ async def test_a_key_authenticates_as_its_principal_with_no_query_after_the_firs
         assert (p.id, p.kind, p.user, p.tenant, p.tier) == (key.id, "key", user.id, tenant.id, "pro")
         assert p.roles == ("member",) and p.allowed_models == ("mock-gpt",)
         assert p.metadata["monthly_limit_tokens"] == 5000 and p.metadata["key_name"] == "ci"
+        assert p.metadata["team"] == "ml"  # the key's own metadata, which cannot override its limit
         assert secret not in repr(p)
 
 

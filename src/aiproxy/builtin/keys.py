@@ -71,10 +71,11 @@ def principal_of(record: KeyRecord) -> Principal:
     return Principal(
         id=record.id, kind="key", user=record.user_id, tenant=record.tenant_id, tier=record.tier,
         roles=(record.role,), allowed_models=record.allowed_models,
-        metadata={"key_name": record.name, "key_prefix": record.display if record.prefix else None,
+        metadata={**record.metadata,  # the key's own metadata first: it cannot fake a limit
+                  "key_name": record.name, "key_prefix": record.display if record.prefix else None,
                   "monthly_limit_tokens": record.monthly_limit_tokens,
                   "current_usage": record.current_usage, "usage_period": record.usage_period,
-                  "expires_at": record.expires_at, **record.metadata})
+                  "expires_at": record.expires_at})
 
 
 class VirtualKeys:

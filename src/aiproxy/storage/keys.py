@@ -42,7 +42,7 @@ from collections.abc import AsyncIterator, Callable, Iterable, Sequence
 from contextlib import asynccontextmanager
 from typing import Any, Final
 
-from sqlalchemy import Select, select, update
+from sqlalchemy import Select, or_, select, update
 from sqlalchemy.exc import IntegrityError, InterfaceError, OperationalError
 from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession
 
@@ -269,8 +269,8 @@ class KeyStore(Store):
         query = _scoped(select(ApiKey), ApiKey.tenant_id, tenant)
         if user_id is not None:
             query = query.where(ApiKey.user_id == user_id)
-        if not include_revoked:
-            query = query.where(ApiKey.revoked_at.is_(None))
+        if not include_revoked:  # a rotated key in its grace period still counts as live
+            query = query.where(or_(ApiKey.revoked_at.is_(None), ApiKey.revoked_at > self.clock()))
         async with self._tx() as s:
             rows = await s.scalars(query.order_by(ApiKey.created_at, ApiKey.id))
             return [KeyRecord.of(r) for r in rows]
@@ -339,6 +339,11 @@ class KeyStore(Store):
             changes["allowed_models"] = _models(changes["allowed_models"])
         if "metadata" in changes:
             changes["meta"] = changes.pop("metadata") or {}
+        when = changes.get("expires_at")
+        if when is not None and (not isinstance(when, dt.datetime) or when.tzinfo is None):
+            raise StoreError("expires_at must be a timezone-aware datetime")
+        if (changes.get("monthly_limit_tokens") or 0) < 0:
+            raise StoreError("monthly_limit_tokens must be at least 0")
         async with self._tx() as s:
             row = await self._row(s, key_id, tenant)
             for field_name, value in changes.items():
