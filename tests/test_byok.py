@@ -187,3 +187,19 @@ async def test_a_tenant_key_that_does_not_decrypt_is_503_not_the_shared_key(
         r = await http.post("/v1/chat/completions", json=CHAT, headers={"authorization": f"Bearer {key}"})
     assert r.status_code == 503 and error_of(r)["code"] == "service_unavailable"
     assert "cannot be decrypted" in error_of(r)["message"] and not route.called
+
+
+async def test_an_upstream_that_echoes_a_tenants_key_has_it_redacted(
+        gateway: Callable[..., Any], migrated_url: str) -> None:
+    config = make_config(database={"url": migrated_url}, keys={"required": True},
+                         security={"encryption_key": B64(NEW).decode()})
+    async with gateway(config) as (http, upstream):
+        app = http._transport.app  # type: ignore[attr-defined]
+        tenant = await app.state.key_store.create_tenant("a")
+        key, _ = await app.state.key_store.create_key(tenant_id=tenant.id)
+        await app.state.credential_store.put(tenant.id, "openai", TENANT_KEY)
+        upstream.post(f"{OPENAI_BASE}/chat/completions").respond(
+            400, json={"error": {"message": f"key {TENANT_KEY} may not use this model", "code": "bad"}})
+        r = await http.post("/v1/chat/completions", json=CHAT, headers={"authorization": f"Bearer {key}"})
+    assert r.status_code == 400 and "key [redacted] may not use" in error_of(r)["message"]
+    assert TENANT_KEY not in r.text

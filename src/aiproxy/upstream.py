@@ -188,20 +188,27 @@ class HTTPProvider(Provider):
             self._credential_headers[api_key] = headers
         return headers
 
-    def secrets(self) -> tuple[str | None, ...]:
-        """Values never to pass on to a client, even when an upstream echoes them."""
+    def secrets(self, request: httpx.Request | None = None) -> tuple[str | None, ...]:
+        """Values never to pass on to a client, even when an upstream echoes them: the
+        provider's key, and the tenant's key ``request`` was sent with, if any."""
+        if request is not None and "aiproxy.credential" in request.extensions:
+            return (self.config.api_key, request.extensions["aiproxy.credential"])
         return (self.config.api_key,)
 
     def build(self, call: Call, deployment: Deployment, path: str, body: Any) -> httpx.Request:
         """A POST of ``body`` (a dict, or JSON bytes) to ``path`` under the base URL."""
         headers = self.headers
-        if call.credentials and call.credentials.get(self.name):
-            headers = {**headers, **self.credential_headers(call.credentials[self.name])}
+        credential = call.credentials.get(self.name) if call.credentials else None
+        if credential:
+            headers = {**headers, **self.credential_headers(credential)}
         if call.upstream_headers:
             headers = {**headers, **{k.lower(): v for k, v in call.upstream_headers.items()}}
         content = body if isinstance(body, bytes) else orjson.dumps(body)
-        return self.http.build_request("POST", self.base + path, content=content, headers=headers,
-                                       params=self.params, timeout=deployment.timeout)
+        request = self.http.build_request("POST", self.base + path, content=content, headers=headers,
+                                          params=self.params, timeout=deployment.timeout)
+        if credential:
+            request.extensions["aiproxy.credential"] = credential  # for secrets(): scrub it too
+        return request
 
     def build_get(self, path: str, timeout: float = 10.0) -> httpx.Request:
         return self.http.build_request("GET", self.base + path, headers=self.headers,
@@ -220,7 +227,8 @@ class HTTPProvider(Provider):
                 body = b""
             finally:
                 await response.aclose()
-            raise upstream_error(self.name, response.status_code, body, response.headers, self.secrets())
+            raise upstream_error(self.name, response.status_code, body, response.headers,
+                                 self.secrets(request))
         return response
 
     @asynccontextmanager
