@@ -88,3 +88,23 @@ def test_a_literal_key_in_the_file_is_refused(tmp_path: Path, monkeypatch: pytes
 def test_the_shipped_config_declares_no_literal_key() -> None:
     root = Path(__file__).resolve().parent.parent
     build_plugin_manager(load_config(root / "config.yaml", env={}))
+
+
+@pytest.mark.parametrize(("setting", "value", "message"), [
+    ("cache_ttl", "soon", "keys.cache_ttl: expected a number of seconds, got 'soon'"),
+    ("negative_ttl", -1, "keys.negative_ttl: must not be negative"),
+])
+def test_bad_cache_settings_stop_start_up(setting: str, value: Any, message: str) -> None:
+    with pytest.raises(PluginError, match="failed to start") as info:
+        build_plugin_manager(make_config(keys={setting: value}))
+    assert message in str(info.value)
+
+
+def test_check_config_names_the_database_without_its_password(tmp_path: Path,
+                                                              capsys: pytest.CaptureFixture[str]) -> None:
+    path = tmp_path / "config.yaml"
+    path.write_text("providers: {mock: {plugin: mock}}\nmodels: [{name: m, provider: mock}]\n"
+                    "plugins: {dir: null}\ndatabase: {url: 'postgresql+asyncpg://u:pw-123456@db/aiproxy'}\n")
+    assert main(["check-config", "--config", str(path)]) == 0
+    out = capsys.readouterr().out
+    assert "database: postgresql+asyncpg://u:***@db/aiproxy" in out and "pw-123456" not in out

@@ -166,6 +166,12 @@ def _check(args: argparse.Namespace) -> int:
     print(f"{config.source}: OK")
     print(f"  server: {config.server.host}:{config.server.port}, workers {config.server.workers}, "
           f"master key {'set' if config.server.master_key else 'NOT set (loopback only)'}")
+    if config.database_url:
+        from aiproxy.storage.db import redact
+
+        print(f"  database: {redact(config.database_url)}")
+    else:
+        print("  database: none (keys come from config alone)")
     print(f"  providers ({len(config.providers)}):")
     for name, provider in config.providers.items():
         state = f"left out of routing: {disabled[name]}" if name in disabled else "ready"

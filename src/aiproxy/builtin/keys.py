@@ -50,7 +50,7 @@ log = logging.getLogger("aiproxy.keys")
 _SHAPE = re.compile(r"sk-[A-Za-z0-9_-]{43}")
 
 
-def _number(settings: dict[str, Any], name: str, default: float) -> float:
+def seconds_setting(settings: dict[str, Any], name: str, default: float) -> float:
     value = settings.get(name, default)
     try:
         number = float(value)
@@ -82,10 +82,10 @@ class VirtualKeys:
     def __init__(self, config: Config, *, monotonic: Callable[[], float] = time.monotonic,
                  now: Callable[[], dt.datetime] = utcnow) -> None:
         settings = config.section("keys")
-        self.ttl = _number(settings, "cache_ttl", 30)
-        self.negative_ttl = _number(settings, "negative_ttl", 5)
-        self.flush_interval = _number(settings, "flush_interval", 30)
-        self.max_cached = int(_number(settings, "max_cached", 100_000)) or 1
+        self.ttl = seconds_setting(settings, "cache_ttl", 30)
+        self.negative_ttl = seconds_setting(settings, "negative_ttl", 5)
+        self.flush_interval = seconds_setting(settings, "flush_interval", 30)
+        self.max_cached = int(seconds_setting(settings, "max_cached", 100_000)) or 1
         self.required = settings.get("required", False) in (True, "true", "yes", "on", "1")
         self.declared = parse_declared(settings.get("declared"), config.source)
         self.monotonic = monotonic

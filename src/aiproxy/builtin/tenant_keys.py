@@ -21,6 +21,7 @@ from sqlalchemy import func, select
 from starlette.applications import Starlette
 
 from aiproxy import hookimpl
+from aiproxy.builtin.keys import seconds_setting
 from aiproxy.call import Call
 from aiproxy.config import Config
 from aiproxy.errors import ProxyError
@@ -35,8 +36,7 @@ _NONE: dict[str, str] = {}
 
 class TenantKeys:
     def __init__(self, config: Config, *, monotonic: Callable[[], float] = time.monotonic) -> None:
-        ttl = config.section("keys").get("cache_ttl", 30)
-        self.ttl = float(ttl) if isinstance(ttl, int | float | str) and str(ttl).strip() else 30.0
+        self.ttl = seconds_setting(config.section("keys"), "cache_ttl", 30)
         self.monotonic = monotonic
         self.store: CredentialStore | None = None
         self.cache: dict[str, tuple[float, dict[str, str]]] = {}
