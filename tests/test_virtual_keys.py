@@ -219,9 +219,15 @@ async def test_database_down_mid_run_cached_keys_work_new_ones_get_503(
         cached, _ = await e.store.create_key()
         fresh, _ = await e.store.create_key()
         assert (await e.chat(cached)).status_code == 200
+        assert (await e.http.get("/ready")).status_code == 200
         dead = create_engine(f"postgresql+asyncpg://postgres@127.0.0.1:{free_port()}/gone")
         e.store.sessions = session_factory(dead)  # the database goes away
+        database = e.app.state.plugin_manager.get_plugin("database")
+        live, database.engine = database.engine, dead
         try:
+            ready = await e.http.get("/ready")
+            assert ready.status_code == 503
+            assert [c["ok"] for c in ready.json()["checks"] if c["name"] == "database"] == [False]
             with caplog.at_level(logging.INFO):
                 assert (await e.chat(cached)).status_code == 200
                 e.clock.t += 60  # past its TTL: kept while the database cannot answer
@@ -233,6 +239,7 @@ async def test_database_down_mid_run_cached_keys_work_new_ones_get_503(
             assert r.headers["retry-after"] == "5"
             assert "Traceback" not in caplog.text
         finally:
+            database.engine = live
             await dead.dispose()
 
 
