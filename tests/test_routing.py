@@ -392,3 +392,15 @@ async def test_a_deployment_is_named_by_provider_model_and_place_never_by_its_ke
     for r in (ok, bad):
         assert "secret" not in r.text and not any("secret" in v for v in r.headers.values())
     assert bad.headers["x-aiproxy-attempts"] == "2"
+
+
+async def test_a_success_clears_the_failures_of_a_single_deployment_too():
+    async with proxy(pool("a", retries=1, cooldown={"failures": 3, "window": 60, "duration": 30})) as p:
+        p.upstream.post(A_URL).mock(side_effect=[
+            failure(503), httpx.Response(200, json=answer()),
+            failure(503), httpx.Response(200, json=answer()),
+            failure(503), httpx.Response(200, json=answer())])
+        for _ in range(3):
+            assert (await p.chat()).status_code == 200
+    # each failure was followed by a success: never three in a row, never cooled down
+    assert p.router.stats.cooldowns == 0 and not p.router.breaker.troubled("a")

@@ -119,7 +119,7 @@ async def run(router: Router, call: Call, method: str, attempt: Attempt[T]) -> T
                 _served(router, call, pool, current, elapsed)
                 if model != call.model:
                     call.metadata["fallback"] = model
-                if not pool.simple and router.breaker.troubled(current.id):
+                if router.breaker.troubled(current.id):
                     await router.breaker.succeeded(current.id)
                 return result
             finally:
