@@ -404,3 +404,16 @@ async def test_a_success_clears_the_failures_of_a_single_deployment_too():
             assert (await p.chat()).status_code == 200
     # each failure was followed by a success: never three in a row, never cooled down
     assert p.router.stats.cooldowns == 0 and not p.router.breaker.troubled("a")
+
+
+async def test_a_cooling_pool_whose_fallbacks_are_all_unavailable_still_tries_itself():
+    providers = {**PROVIDERS, "off": {"plugin": "openai", "api_base": "https://off.test/v1"}}  # no key
+    models = [*pool("a", fallbacks=["gone"], cooldown={"failures": 1, "window": 60, "duration": 30}),
+              {"name": "gone", "provider": "off"}]
+    async with proxy(models, providers=providers) as p:
+        a = p.upstream.post(A_URL).mock(side_effect=[failure(503), httpx.Response(200, json=answer())])
+        assert (await p.chat()).status_code == 503  # a fails and cools; "gone" cannot serve
+        assert p.router.breaker.cooling("a") > 0
+        r = await p.chat()
+    assert r.status_code == 200 and a.call_count == 2
+    assert p.router.stats.fallbacks == 0

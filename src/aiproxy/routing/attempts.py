@@ -157,6 +157,12 @@ async def run(router: Router, call: Call, method: str, attempt: Attempt[T]) -> T
             chain = list(router.pool(call.model).settings.fallbacks)
         while current is None:
             if not chain or clock() >= deadline:
+                if error is None:  # nothing could be tried: the model's own soonest-back it is
+                    model, pool = call.model, router.pool(call.model)
+                    settings = pool.settings
+                    current = await _maybe_next(router, call, pool, skip_cooling=False)
+                    if current is not None:
+                        break
                 raise _final(router, call, error or _no_attempt(pool))
             model = chain.pop(0)
             try:
@@ -165,9 +171,10 @@ async def run(router: Router, call: Call, method: str, attempt: Attempt[T]) -> T
                 continue  # its provider is unavailable: the next one
             settings = pool.settings
             current = await _maybe_next(router, call, pool, skip_cooling=bool(chain))
-        log.info("request %s for %s: falling back to %s (%s)", call.request_id, call.model, model,
-                 "no attempt made" if error is None else f"{error.status} {error.code}")
-        stats.fallbacks += 1
+        if model is not call.model:
+            log.info("request %s for %s: falling back to %s (%s)", call.request_id, call.model, model,
+                     "no attempt made" if error is None else f"{error.status} {error.code}")
+            stats.fallbacks += 1
         tried = {}
         used = 0
 
