@@ -203,3 +203,28 @@ async def test_an_upstream_that_echoes_a_tenants_key_has_it_redacted(
         r = await http.post("/v1/chat/completions", json=CHAT, headers={"authorization": f"Bearer {key}"})
     assert r.status_code == 400 and "key [redacted] may not use" in error_of(r)["message"]
     assert TENANT_KEY not in r.text
+
+
+async def test_a_provider_with_no_shared_key_serves_tenants_that_bring_theirs(
+        gateway: Callable[..., Any], migrated_url: str) -> None:
+    config = make_config(database={"url": migrated_url}, keys={"required": True},
+                         security={"encryption_key": B64(NEW).decode()},
+                         providers={"openai": {"plugin": "openai", "api_base": OPENAI_BASE,
+                                               "options": {"tenant_keys_only": True}},
+                                    "mock": {"plugin": "mock"}},
+                         models=[{"name": "gpt-test", "provider": "openai", "model": "gpt-4o-mini"},
+                                 {"name": "mock-*", "provider": "mock"}])
+    async with gateway(config) as (http, upstream):
+        app = http._transport.app  # type: ignore[attr-defined]
+        a, b = await app.state.key_store.create_tenant("a"), await app.state.key_store.create_tenant("b")
+        key_a, _ = await app.state.key_store.create_key(tenant_id=a.id)
+        key_b, _ = await app.state.key_store.create_key(tenant_id=b.id)
+        await app.state.credential_store.put(a.id, "openai", TENANT_KEY)
+        route = upstream.post(f"{OPENAI_BASE}/chat/completions").respond(200, json=ANSWER)
+        ok = await http.post("/v1/chat/completions", json=CHAT, headers={"authorization": f"Bearer {key_a}"})
+        assert ok.status_code == 200
+        assert route.calls.last.request.headers["authorization"] == f"Bearer {TENANT_KEY}"
+        no = await http.post("/v1/chat/completions", json=CHAT, headers={"authorization": f"Bearer {key_b}"})
+    assert no.status_code == 403 and route.call_count == 1
+    err = error_of(no)
+    assert err["code"] == "provider_key_required" and "provider 'openai'" in err["message"]

@@ -64,8 +64,11 @@ class Provider:
         self.http = http
 
     def missing(self) -> list[str]:
-        """Required settings that are empty, by name."""
-        return [key for key in self.required if not getattr(self.config, key, None)]
+        """Required settings that are empty, by name. ``api_key`` may stay empty with
+        ``options: {tenant_keys_only: true}``: every call then brings its tenant's own key."""
+        byok = self.config.options.get("tenant_keys_only") is True
+        return [key for key in self.required
+                if not getattr(self.config, key, None) and not (byok and key == "api_key")]
 
     async def chat(self, call: Call, deployment: Deployment) -> Reply:
         raise self.unsupported("chat completions")

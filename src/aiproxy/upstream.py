@@ -201,6 +201,9 @@ class HTTPProvider(Provider):
         credential = call.credentials.get(self.name) if call.credentials else None
         if credential:
             headers = {**headers, **self.credential_headers(credential)}
+        elif not self.config.api_key and self.config.options.get("tenant_keys_only") is True:
+            raise ProxyError(403, f"provider {self.name!r} is used with each tenant's own key, and "
+                             "none is stored for this caller's tenant", code="provider_key_required")
         if call.upstream_headers:
             headers = {**headers, **{k.lower(): v for k, v in call.upstream_headers.items()}}
         content = body if isinstance(body, bytes) else orjson.dumps(body)
