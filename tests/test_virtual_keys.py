@@ -282,3 +282,31 @@ async def test_without_required_keys_a_keyless_call_is_anonymous_but_a_revoked_k
         assert fake.status_code == 200  # an SDK's placeholder key: anonymous, as before
         r = await http.post("/v1/chat/completions", json=MOCK, headers={"authorization": f"Bearer {secret}"})
         assert r.status_code == 401 and error_of(r)["code"] == "revoked_api_key"
+
+
+async def test_a_flood_of_made_up_keys_neither_evicts_real_ones_nor_takes_the_pool(env: Any) -> None:
+    async with env(max_unknown=50, max_lookups=2) as e:
+        secret, _ = await e.store.create_key()
+        assert (await e.chat(secret)).status_code == 200
+        inside, most = 0, 0
+        real_lookup = e.store.lookup_by_hash
+
+        async def counted(digest: str) -> Any:
+            nonlocal inside, most
+            inside += 1
+            most = max(most, inside)
+            try:
+                await asyncio.sleep(0.002)
+                return await real_lookup(digest)
+            finally:
+                inside -= 1
+
+        e.store.lookup_by_hash = counted  # type: ignore[method-assign]
+        garbage = [f"sk-{i:043d}" for i in range(200)]
+        answers = await asyncio.gather(*(e.chat(k) for k in garbage))
+        assert {r.status_code for r in answers} == {401}
+        assert most == 2  # never more than max_lookups at once
+        assert len(e.keys.unknown) <= 50
+        e.queries.clear()
+        assert (await e.chat(secret)).status_code == 200
+        assert e.key_queries() == 0  # the real key is still cached

@@ -4,9 +4,11 @@ A key is looked up by its SHA-256 in an in-process cache first; only a miss goes
 the database (and concurrent misses for one key share that one query), so an
 authenticated call costs no database round trip. Entries live ``keys.cache_ttl``
 seconds (default 30): a key revoked on another replica stops working within that
-time, one revoked through this replica's store at once. Unknown keys are cached too
-(``keys.negative_ttl``, default 5 s, at most ``keys.max_cached`` entries), and a
-string that cannot be a virtual key never reaches the database at all.
+time, one revoked through this replica's store at once. Unknown keys are remembered
+too (``keys.negative_ttl``, default 5 s), apart from known ones (``keys.max_unknown``
+against ``keys.max_cached``) so a flood of made-up keys cannot push real ones out; at
+most ``keys.max_lookups`` (8) lookups run at once; and a string that cannot be a
+virtual key never reaches the database at all.
 
 Expired and revoked keys get 401 saying which (``expired_api_key`` /
 ``revoked_api_key``). If the database fails, keys already cached keep working (past
@@ -86,12 +88,17 @@ class VirtualKeys:
         self.negative_ttl = seconds_setting(settings, "negative_ttl", 5)
         self.flush_interval = seconds_setting(settings, "flush_interval", 30)
         self.max_cached = int(seconds_setting(settings, "max_cached", 100_000)) or 1
+        self.max_unknown = int(seconds_setting(settings, "max_unknown", 10_000)) or 1
+        # at most this many database lookups at once: a flood of made-up keys waits its
+        # turn instead of taking the whole connection pool
+        self._lookups = asyncio.Semaphore(int(seconds_setting(settings, "max_lookups", 8)) or 1)
         self.required = settings.get("required", False) in (True, "true", "yes", "on", "1")
         self.declared = parse_declared(settings.get("declared"), config.source)
         self.monotonic = monotonic
         self.now = now
         self.store: KeyStore | None = None
-        self.cache: dict[str, tuple[float, KeyRecord | None]] = {}  # hash → (expiry, record)
+        self.cache: dict[str, tuple[float, KeyRecord]] = {}  # hash → (expiry, record)
+        self.unknown: dict[str, float] = {}  # hash → expiry; apart, so garbage can't evict keys
         self._ids: dict[str, str] = {}  # key id → hash, to drop a changed key at once
         self._pending: dict[str, asyncio.Future[KeyRecord | None]] = {}
         self._generation = 0  # bumped by forget(): a lookup in flight must not re-cache
@@ -151,9 +158,12 @@ class VirtualKeys:
 
     async def lookup(self, digest: str) -> KeyRecord | None:
         """The record for a key hash: from the cache, else (once) from the database."""
+        now = self.monotonic()
         entry = self.cache.get(digest)
-        if entry is not None and entry[0] > self.monotonic():
+        if entry is not None and entry[0] > now:
             return entry[1]
+        if self.unknown.get(digest, 0.0) > now:
+            return None
         task = self._pending.get(digest)
         if task is None:  # concurrent misses for one key share one query
             task = asyncio.ensure_future(self._fetch(digest))
@@ -162,7 +172,7 @@ class VirtualKeys:
         try:
             return await asyncio.shield(task)  # a caller that leaves doesn't cancel the others'
         except DatabaseError:
-            if entry is not None and entry[1] is not None:
+            if entry is not None:
                 log.warning("database unavailable; key %s served from the stale cache", entry[1].id)
                 return entry[1]  # stale, but the database cannot say otherwise
             raise unavailable() from None
@@ -170,7 +180,8 @@ class VirtualKeys:
     async def _fetch(self, digest: str) -> KeyRecord | None:
         generation = self._generation
         assert self.store is not None
-        record = await self.store.lookup_by_hash(digest)
+        async with self._lookups:
+            record = await self.store.lookup_by_hash(digest)
         if generation == self._generation:  # no key changed meanwhile: the answer is current
             self._remember(digest, record)
         return record
@@ -182,22 +193,18 @@ class VirtualKeys:
             task.exception()  # retrieved here; each waiter handles it
 
     def _remember(self, digest: str, record: KeyRecord | None) -> None:
-        if len(self.cache) >= self.max_cached:
-            self._evict()
-        ttl = self.ttl if record is not None else self.negative_ttl
-        self.cache[digest] = (self.monotonic() + ttl, record)
-        if record is not None:
-            self._ids[record.id] = digest
-
-    def _evict(self) -> None:
-        """Make room: drop expired entries, or the oldest half if none has expired."""
         now = self.monotonic()
-        expired = [d for d, (until, _) in self.cache.items() if until <= now]
-        victims = expired or list(self.cache)[: max(1, len(self.cache) // 2)]
-        for digest in victims:
-            _, record = self.cache.pop(digest)
-            if record is not None:
-                self._ids.pop(record.id, None)
+        if record is None:
+            if len(self.unknown) >= self.max_unknown:
+                _make_room(self.unknown, now, lambda until: until)
+            self.unknown[digest] = now + self.negative_ttl
+            return
+        if len(self.cache) >= self.max_cached:
+            for gone in _make_room(self.cache, now, lambda entry: entry[0]):
+                self._ids.pop(gone[1].id, None)
+        self.unknown.pop(digest, None)
+        self.cache[digest] = (now + self.ttl, record)
+        self._ids[record.id] = digest
 
     def forget(self, key_ids: Any) -> None:
         """The store changed these keys: the next call looks them up again."""
@@ -224,6 +231,14 @@ class VirtualKeys:
         while True:
             await asyncio.sleep(seconds)
             await self.flush()
+
+
+def _make_room(entries: dict[str, Any], now: float, expiry: Callable[[Any], float]) -> list[Any]:
+    """Drop the expired entries, or (none expired) the oldest half; return what went."""
+    victims = [d for d, value in entries.items() if expiry(value) <= now]
+    if not victims:
+        victims = list(entries)[: max(1, len(entries) // 2)]
+    return [entries.pop(d) for d in victims]
 
 
 def aiproxy_plugin(config: Config) -> VirtualKeys:
