@@ -182,7 +182,12 @@ def machine() -> dict[str, str]:
     wrk = subprocess.run(["wrk", "--version"], capture_output=True, text=True).stdout.split("\n")[0]
     return {"cpus": str(os.cpu_count()), "cpu": model, "memory": mem, "kernel": platform.release(),
             "python": platform.python_version(), "wrk": wrk.strip() or "wrk",
-            "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())}
+            "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), "load_start": loadavg()}
+
+
+def loadavg() -> str:
+    """The 1-, 5- and 15-minute load averages: other work on the machine skews every figure."""
+    return " ".join(Path("/proc/loadavg").read_text().split()[:3])
 
 
 def _interrupted(signum: int, frame: object) -> None:
@@ -238,6 +243,7 @@ def main() -> int:
             raw.mkdir(parents=True, exist_ok=True)
             for log in Path(tmp).glob("*.log"):
                 shutil.copy(log, raw / log.name)
+    results["machine"]["load_end"] = loadavg()
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(report.markdown(results, quick=args.quick))
     (raw / ("quick.json" if args.quick else "full.json")).write_text(
