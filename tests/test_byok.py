@@ -10,6 +10,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+import orjson
 import pytest
 from sqlalchemy import event, text
 from sqlalchemy.ext.asyncio import AsyncEngine
@@ -202,6 +203,27 @@ async def test_an_upstream_that_echoes_a_tenants_key_has_it_redacted(
             400, json={"error": {"message": f"key {TENANT_KEY} may not use this model", "code": "bad"}})
         r = await http.post("/v1/chat/completions", json=CHAT, headers={"authorization": f"Bearer {key}"})
     assert r.status_code == 400 and "key [redacted] may not use" in error_of(r)["message"]
+    assert TENANT_KEY not in r.text
+
+
+async def test_a_tenants_key_echoed_in_a_mid_stream_error_is_redacted(
+        gateway: Callable[..., Any], migrated_url: str) -> None:
+    config = make_config(database={"url": migrated_url}, keys={"required": True},
+                         security={"encryption_key": B64(NEW).decode()})
+    async with gateway(config) as (http, upstream):
+        app = http._transport.app  # type: ignore[attr-defined]
+        tenant = await app.state.key_store.create_tenant("a")
+        key, _ = await app.state.key_store.create_key(tenant_id=tenant.id)
+        await app.state.credential_store.put(tenant.id, "openai", TENANT_KEY)
+        first = {"id": "c1", "object": "chat.completion.chunk", "created": 1, "model": "m",
+                 "choices": [{"index": 0, "delta": {"content": "Hi"}, "finish_reason": None}]}
+        stream = (b"data: " + orjson.dumps(first) + b"\n\n" + b"data: "
+                  + orjson.dumps({"error": {"message": f"key {TENANT_KEY} was revoked"}}) + b"\n\n")
+        upstream.post(f"{OPENAI_BASE}/chat/completions").respond(
+            200, content=stream, headers={"content-type": "text/event-stream"})
+        r = await http.post("/v1/chat/completions", json={**CHAT, "stream": True},
+                            headers={"authorization": f"Bearer {key}"})
+    assert r.status_code == 200 and "key [redacted] was revoked" in r.text
     assert TENANT_KEY not in r.text
 
 

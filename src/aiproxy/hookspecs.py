@@ -70,10 +70,12 @@ def aiproxy_authenticate(call: Call, settings: dict[str, Any]) -> Principal | No
 def aiproxy_before_call(call: Call, settings: dict[str, Any]) -> None:
     """After authentication and routing, before the cache and the upstream.
 
-    ``call.principal`` and ``call.deployment`` are set. Raise ProxyError to refuse
-    (429 rate limit, 403 model access, …); write ``call.upstream_headers`` or
-    ``call.response_headers``; rewrite ``call.body`` to change the request. Every
-    implementation runs, in order. May be async.
+    ``call.principal`` and ``call.deployment`` are set; the deployment is the first
+    attempt's: a retry or fallback may serve the call from another one (read
+    ``call.metadata["deployment"]`` in after-call for the one that did). Raise
+    ProxyError to refuse (429 rate limit, 403 model access, …); write
+    ``call.upstream_headers`` or ``call.response_headers``; rewrite ``call.body`` to
+    change the request. Every implementation runs, in order. May be async.
     """
 
 

@@ -230,20 +230,30 @@ class HTTPProvider(Provider):
                 body = b""
             finally:
                 await response.aclose()
-            raise upstream_error(self.name, response.status_code, body, response.headers,
-                                 self.secrets(request))
+            raise self.error_for(response.status_code, body, response.headers, self.secrets(request))
         return response
+
+    def error_for(self, status: int, body: bytes, headers: httpx.Headers,
+                  secrets: Iterable[str | None]) -> ProxyError:
+        """The ProxyError for an upstream error answer; override to read a provider's own
+        error details. ``secrets`` (every key the request carried) must not appear in it."""
+        return upstream_error(self.name, status, body, headers, secrets)
 
     @asynccontextmanager
     async def streaming(self, request: httpx.Request) -> AsyncIterator[httpx.Response]:
         """Send for a streamed answer; a connection failure while reading it becomes a
         ProxyError, and the response is closed however the reading ends (a client that
-        went away included: closing an unfinished response cancels it upstream)."""
+        went away included: closing an unfinished response cancels it upstream). A
+        tenant's own key echoed in a mid-stream error is scrubbed like the provider's."""
         response = await self.send(request, stream=True)
         try:
             yield response
         except httpx.HTTPError as exc:
             raise transport_error(self.name, exc) from None
+        except ProxyError as exc:  # a mid-stream error: no key of this request may be in it
+            if "aiproxy.credential" in request.extensions:
+                exc.message = scrub(exc.message, self.secrets(request))
+            raise
         finally:
             await response.aclose()
 

@@ -14,7 +14,7 @@ log line. Translation both ways lives in :mod:`.google_wire` (requests) and
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable, Iterable
 from typing import TYPE_CHECKING, Any
 
 import httpx
@@ -24,10 +24,11 @@ from aiproxy.builtin import google_reply as reply
 from aiproxy.builtin.google_wire import chat_body, completion_body, embed_parts, model_path
 from aiproxy.call import Usage
 from aiproxy.provider import Reply
-from aiproxy.upstream import HTTPProvider, error_message, invalid_response, parse_json, transport_error
+from aiproxy.upstream import HTTPProvider, error_message, invalid_response, parse_json
 
 if TYPE_CHECKING:
     from aiproxy.call import Call
+    from aiproxy.errors import ProxyError
     from aiproxy.router import Deployment
 
 _STREAM = "streamGenerateContent?alt=sse"
@@ -47,22 +48,10 @@ class GoogleProvider(HTTPProvider):
         key = self.config.api_key
         return {"x-goog-api-key": key} if key else {}
 
-    async def send(self, request: httpx.Request, *, stream: bool = False) -> httpx.Response:
-        """As :meth:`HTTPProvider.send`, reading Gemini's error details (retry delay, bad key)."""
-        try:
-            response = await self.http.send(request, stream=stream)
-        except httpx.HTTPError as exc:
-            raise transport_error(self.name, exc) from None
-        if response.status_code >= 400:
-            try:
-                body = await response.aread()
-            except httpx.HTTPError:
-                body = b""
-            finally:
-                await response.aclose()
-            raise reply.google_error(self.name, response.status_code, body, response.headers,
-                                     self.secrets())
-        return response
+    def error_for(self, status: int, body: bytes, headers: httpx.Headers,
+                  secrets: Iterable[str | None]) -> ProxyError:
+        """Gemini's error details (retry delay, bad key) read into the ProxyError."""
+        return reply.google_error(self.name, status, body, headers, secrets)
 
     def _path(self, call: Call, method: str) -> str:
         return f"/{model_path(call.upstream_model)}:{method}"
