@@ -11,6 +11,8 @@ from typing import Any
 
 import orjson
 
+from aiproxy.errors import invalid
+
 
 def new_id(prefix: str) -> str:
     return f"{prefix}-{os.urandom(12).hex()}"
@@ -127,3 +129,19 @@ def replay_chunks(data: dict[str, Any], include_usage: bool) -> Iterator[dict[st
 
 def dumps(obj: Any) -> bytes:
     return orjson.dumps(obj)
+
+
+def tool_arguments(raw: Any, where: str) -> dict[str, Any]:
+    """An OpenAI tool call's ``function.arguments`` (a JSON object encoded as a string) as
+    a dict, for upstreams that take it parsed; a 400 naming ``where`` when it is not one."""
+    if isinstance(raw, dict):
+        return raw
+    if raw is None or raw == "":
+        return {}
+    try:
+        value = orjson.loads(raw) if isinstance(raw, str) else None
+    except orjson.JSONDecodeError:
+        value = None
+    if not isinstance(value, dict):
+        raise invalid(f"'{where}' must be a JSON object encoded as a string", where)
+    return value

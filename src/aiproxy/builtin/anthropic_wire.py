@@ -14,8 +14,7 @@ import re
 from collections.abc import Callable
 from typing import Any
 
-import orjson
-
+from aiproxy import wire
 from aiproxy.errors import invalid
 
 log = logging.getLogger("aiproxy.anthropic")
@@ -332,19 +331,7 @@ def _document(file: Any, where: str) -> dict[str, Any]:
 
 def _tool_use(tc: dict[str, Any], where: str) -> dict[str, Any]:
     fn = tc["function"]
-    raw = fn.get("arguments")
-    if raw is None or raw == "":
-        arguments: Any = {}
-    elif isinstance(raw, dict):
-        arguments = raw
-    else:
-        try:
-            arguments = orjson.loads(raw) if isinstance(raw, str) else None
-        except orjson.JSONDecodeError:
-            arguments = None
-        if not isinstance(arguments, dict):
-            raise invalid(f"'{where}.function.arguments' must be a JSON object encoded as a string",
-                          f"{where}.function.arguments")
+    arguments = wire.tool_arguments(fn.get("arguments"), f"{where}.function.arguments")
     call_id = tc.get("id")
     if not isinstance(call_id, str) or not call_id:
         raise invalid(f"'{where}.id' is required: Anthropic matches tool results to calls by id",

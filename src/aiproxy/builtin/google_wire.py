@@ -14,6 +14,7 @@ from urllib.parse import quote, urlsplit
 
 import orjson
 
+from aiproxy import wire
 from aiproxy.errors import invalid
 
 log = logging.getLogger("aiproxy.google")
@@ -143,26 +144,12 @@ def _assistant(m: dict[str, Any], where: str, names: dict[str, str]) -> list[dic
         if isinstance(call_id, str):
             names[call_id] = fn["name"]
         part: dict[str, Any] = {"functionCall": {
-            "name": fn["name"], "args": _arguments(fn.get("arguments"), f"{where}.tool_calls[{j}]")}}
+            "name": fn["name"],
+            "args": wire.tool_arguments(fn.get("arguments"), f"{where}.tool_calls[{j}].function.arguments")}}
         if isinstance(call_id, str) and SIGNATURE in call_id:
             part["thoughtSignature"] = call_id.split(SIGNATURE, 1)[1]
         parts.append(part)
     return parts
-
-
-def _arguments(raw: Any, where: str) -> dict[str, Any]:
-    if isinstance(raw, dict):
-        return raw
-    if raw is None or raw == "":
-        return {}
-    try:
-        value = orjson.loads(raw) if isinstance(raw, str) else None
-    except orjson.JSONDecodeError:
-        value = None
-    if not isinstance(value, dict):
-        raise invalid(f"'{where}.function.arguments' must be a JSON object encoded as a string",
-                      f"{where}.function.arguments")
-    return value
 
 
 def _tool_result(m: dict[str, Any], where: str, names: dict[str, str]) -> dict[str, Any]:

@@ -242,7 +242,8 @@ def _messages(messages: list[dict[str, Any]]) -> list[dict[str, Any]]:
             for j, tc in enumerate(m["tool_calls"]):
                 fn = tc["function"]
                 names[tc.get("id")] = fn["name"]
-                arguments = _arguments(fn.get("arguments"), f"{where}.tool_calls[{j}].function.arguments")
+                arguments = wire.tool_arguments(fn.get("arguments"),
+                                                f"{where}.tool_calls[{j}].function.arguments")
                 msg["tool_calls"].append({"function": {"name": fn["name"], "arguments": arguments}})
         name = names.get(m.get("tool_call_id")) if role == "tool" else m.get("name")
         if role in ("tool", "function") and isinstance(name, str):
@@ -274,20 +275,6 @@ def _content(content: Any, where: str) -> tuple[str, list[str]]:
             raise invalid(f"Ollama does not support content parts of type {kind!r}",
                           f"{where}[{j}].type")
     return "\n".join(texts), images
-
-
-def _arguments(raw: Any, where: str) -> dict[str, Any]:
-    if isinstance(raw, dict):
-        return raw
-    if raw is None or raw == "":
-        return {}
-    try:
-        value = orjson.loads(raw) if isinstance(raw, str) else None
-    except orjson.JSONDecodeError:
-        value = None
-    if not isinstance(value, dict):
-        raise invalid(f"'{where}' must be a JSON object encoded as a string", where)
-    return value
 
 
 # ------------------------------------------------------------ answers
