@@ -1,18 +1,25 @@
 """Helpers shared by the error, validation and auth tests: the OpenAI error shape, secret
-checks, and plugin managers with extra hook objects.
+checks, and plugin managers with extra hook objects; and a started ``aiproxy serve`` for the
+end-to-end tests.
 
 pytest rewrites the asserts of test modules only, so the ones here say what failed themselves.
 """
 
 from __future__ import annotations
 
+import os
 import socket
 import subprocess
+import sys
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import httpx
+import yaml
 
 from aiproxy import hookimpl
 from aiproxy.call import Call
@@ -83,3 +90,39 @@ def wait_healthy(url: str, process: subprocess.Popen[bytes], log: Path, timeout:
                 pass
             time.sleep(0.1)
     raise RuntimeError(f"aiproxy serve was not healthy within {timeout:g}s:\n{log.read_text()}")
+
+
+@dataclass
+class Started:
+    url: str
+    process: subprocess.Popen[bytes]
+    log: Path
+    config: Path
+
+
+@contextmanager
+def started_proxy(config: dict[str, Any], cwd: Path, *args: str, log_name: str = "aiproxy.log",
+                  stop_timeout: float = 10.0) -> Iterator[Started]:
+    """`aiproxy serve` on `config` (written to cwd/config.yaml) on a free loopback port, with no
+    AIPROXY_* variables from the environment and its output in cwd/`log_name`; healthy when
+    yielded; terminated (then killed) after, unless it has already exited."""
+    path = cwd / "config.yaml"
+    path.write_text(yaml.safe_dump(config))
+    port, log = free_port(), cwd / log_name
+    env = {k: v for k, v in os.environ.items() if not k.startswith("AIPROXY_")}
+    with log.open("wb") as out:
+        process = subprocess.Popen([sys.executable, "-m", "aiproxy", "serve", "--config", str(path),
+                                    "--host", "127.0.0.1", "--port", str(port), *args],
+                                   stdout=out, stderr=subprocess.STDOUT, env=env, cwd=cwd)
+    try:
+        url = f"http://127.0.0.1:{port}"
+        wait_healthy(url, process, log)
+        yield Started(url, process, log, path)
+    finally:
+        if process.poll() is None:
+            process.terminate()
+            try:
+                process.wait(stop_timeout)
+            except subprocess.TimeoutExpired:
+                process.kill()
+                process.wait(5)

@@ -4,10 +4,7 @@ with Anthropic's Messages API faked at the HTTP level (:class:`tests.fakes.FakeA
 from __future__ import annotations
 
 import json
-import os
 import re
-import subprocess
-import sys
 import threading
 import uuid
 from collections.abc import Iterator
@@ -18,10 +15,9 @@ from typing import Any
 import anthropic
 import openai
 import pytest
-import yaml
 
 from tests.fakes import FakeAnthropic
-from tests.helpers import free_port, wait_healthy
+from tests.helpers import started_proxy
 
 UPSTREAM_KEY = "sk-ant-fake-upstream-key-0042"
 WRONG_KEY = "sk-ant-wrong-key-0099"
@@ -58,27 +54,8 @@ def proxy(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Proxy]:
                 {"name": "claude-wrong-key", "provider": "anthropic-wrong", "model": MODEL, "retries": 0},
             ],
         }
-        path = tmp / "config.yaml"
-        path.write_text(yaml.safe_dump(config))
-        port = free_port()
-        log = tmp / "aiproxy.log"
-        env = {k: v for k, v in os.environ.items() if not k.startswith("AIPROXY_")}
-        with log.open("wb") as out:
-            process = subprocess.Popen(
-                [sys.executable, "-m", "aiproxy", "serve", "--config", str(path), "--host", "127.0.0.1",
-                 "--port", str(port), "--log-level", "debug"],
-                stdout=out, stderr=subprocess.STDOUT, env=env, cwd=tmp)
-        try:
-            url = f"http://127.0.0.1:{port}"
-            wait_healthy(url, process, log)
-            yield Proxy(url, fake, log)
-        finally:
-            process.terminate()
-            try:
-                process.wait(10)
-            except subprocess.TimeoutExpired:
-                process.kill()
-                process.wait(5)
+        with started_proxy(config, tmp, "--log-level", "debug") as started:
+            yield Proxy(started.url, fake, started.log)
 
 
 @pytest.fixture

@@ -10,10 +10,8 @@ from __future__ import annotations
 import contextlib
 import json
 import math
-import os
 import re
 import subprocess
-import sys
 import time
 import uuid
 from collections.abc import Iterator
@@ -23,10 +21,9 @@ from typing import Any
 
 import openai
 import pytest
-import yaml
 
 from tests.fakes import FakeOllama, FakeOpenAI
-from tests.helpers import free_port, wait_healthy
+from tests.helpers import started_proxy
 
 REPO = Path(__file__).resolve().parent.parent
 UPSTREAM_KEY = "sk-fake-upstream-key"
@@ -75,8 +72,8 @@ class Proxy:
         return self.openai_fake if kind == "openai" else self.ollama_fake
 
 
-def _write_config(path: Path, openai_fake: FakeOpenAI, ollama_fake: FakeOllama) -> None:
-    config = {
+def _config(openai_fake: FakeOpenAI, ollama_fake: FakeOllama) -> dict[str, Any]:
+    return {
         "server": {"host": "127.0.0.1", "access_log": False},
         "plugins": {"dir": str(REPO / "plugins")},
         "providers": {
@@ -97,34 +94,14 @@ def _write_config(path: Path, openai_fake: FakeOpenAI, ollama_fake: FakeOllama) 
         ],
         "request_tag": {"header": "x-aiproxy-tag", "value": TAG},
     }
-    path.write_text(yaml.safe_dump(config))
 
 
 @pytest.fixture(scope="module")
 def proxy(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Proxy]:
     tmp = tmp_path_factory.mktemp("e2e")
     with FakeOpenAI(api_key=UPSTREAM_KEY) as openai_fake, FakeOllama() as ollama_fake:
-        config = tmp / "config.yaml"
-        _write_config(config, openai_fake, ollama_fake)
-        port = free_port()
-        log = tmp / "aiproxy.log"
-        env = {k: v for k, v in os.environ.items() if not k.startswith("AIPROXY_")}
-        with log.open("wb") as out:
-            process = subprocess.Popen(
-                [sys.executable, "-m", "aiproxy", "serve", "--config", str(config),
-                 "--host", "127.0.0.1", "--port", str(port)],
-                stdout=out, stderr=subprocess.STDOUT, env=env, cwd=tmp)
-        try:
-            url = f"http://127.0.0.1:{port}"
-            wait_healthy(url, process, log)
-            yield Proxy(url, openai_fake, ollama_fake, process, log)
-        finally:
-            process.terminate()
-            try:
-                process.wait(10)
-            except subprocess.TimeoutExpired:
-                process.kill()
-                process.wait(5)
+        with started_proxy(_config(openai_fake, ollama_fake), tmp) as started:
+            yield Proxy(started.url, openai_fake, ollama_fake, started.process, started.log)
 
 
 @pytest.fixture

@@ -5,10 +5,7 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import re
-import subprocess
-import sys
 import time
 import uuid
 from collections.abc import Iterator
@@ -18,10 +15,9 @@ from typing import Any
 
 import openai
 import pytest
-import yaml
 
 from tests.fakes.google import FakeGemini, signature
-from tests.helpers import free_port, wait_healthy
+from tests.helpers import started_proxy
 
 KEY = "AIza-e2e-upstream-key-789"
 WEATHER = {"type": "function", "function": {
@@ -58,25 +54,8 @@ def proxy(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Proxy]:
     tmp = tmp_path_factory.mktemp("google-e2e")
     with FakeGemini(api_key=KEY) as fake:
         assert isinstance(fake, FakeGemini)
-        config = tmp / "config.yaml"
-        config.write_text(yaml.safe_dump(_config(fake)))
-        port, log = free_port(), tmp / "aiproxy.log"
-        env = {k: v for k, v in os.environ.items() if not k.startswith("AIPROXY_")}
-        with log.open("wb") as out:
-            process = subprocess.Popen(
-                [sys.executable, "-m", "aiproxy", "serve", "--config", str(config), "--host", "127.0.0.1",
-                 "--port", str(port)], stdout=out, stderr=subprocess.STDOUT, env=env, cwd=tmp)
-        try:
-            url = f"http://127.0.0.1:{port}"
-            wait_healthy(url, process, log)
-            yield Proxy(url, fake, log)
-        finally:
-            process.terminate()
-            try:
-                process.wait(10)
-            except subprocess.TimeoutExpired:
-                process.kill()
-                process.wait(5)
+        with started_proxy(_config(fake), tmp) as started:
+            yield Proxy(started.url, fake, started.log)
 
 
 @pytest.fixture

@@ -10,7 +10,6 @@ import base64
 import datetime as dt
 import os
 import subprocess
-import sys
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -19,7 +18,6 @@ from typing import Any
 import httpx
 import openai
 import pytest
-import yaml
 from sqlalchemy import inspect, text
 
 from aiproxy.storage.credentials import CredentialStore
@@ -27,7 +25,7 @@ from aiproxy.storage.crypto import Cipher
 from aiproxy.storage.db import create_engine
 from aiproxy.storage.keys import KeyStore, hash_key
 from tests.fakes import FakeOpenAI
-from tests.helpers import free_port, wait_healthy
+from tests.helpers import started_proxy
 
 MASTER = "mk-e2e-master-key-0123456789"
 SHARED = "sk-shared-upstream-key-e2e-0001"
@@ -80,26 +78,9 @@ def served(db_url: str, tmp_path: Path) -> Iterator[Served]:
             "models": [{"name": "mock-*", "provider": "mock"},
                        {"name": "gpt-fake", "provider": "openai", "model": "gpt-4o-mini"}],
         }
-        path = tmp_path / "config.yaml"
-        path.write_text(yaml.safe_dump(config))
-        port, log = free_port(), tmp_path / "serve.log"
-        env = {k: v for k, v in os.environ.items() if not k.startswith("AIPROXY_")}
-        with log.open("wb") as out:
-            process = subprocess.Popen([sys.executable, "-m", "aiproxy", "serve", "--config", str(path),
-                                        "--port", str(port), "--log-level", "debug"],
-                                       stdout=out, stderr=subprocess.STDOUT, env=env, cwd=tmp_path)
-        try:
-            url = f"http://127.0.0.1:{port}"
-            wait_healthy(url, process, log)
-            yield Served(url, db_url, fake, process, log)
-        finally:
-            if process.poll() is None:
-                process.terminate()
-                try:
-                    process.wait(15)
-                except subprocess.TimeoutExpired:
-                    process.kill()
-                    process.wait(5)
+        with started_proxy(config, tmp_path, "--log-level", "debug", log_name="serve.log",
+                           stop_timeout=15) as started:
+            yield Served(started.url, db_url, fake, started.process, started.log)
 
 
 async def _database_text(db_url: str) -> str:

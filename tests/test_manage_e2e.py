@@ -16,9 +16,8 @@ from typing import Any
 import httpx
 import openai
 import pytest
-import yaml
 
-from tests.helpers import free_port, wait_healthy
+from tests.helpers import started_proxy
 
 MASTER = "mk-manage-e2e-master-0123456789"
 
@@ -61,25 +60,8 @@ def served(db_url: str, tmp_path: Path) -> Iterator[Served]:
         "providers": {"mock": {"plugin": "mock"}},
         "models": [{"name": "mock-*", "provider": "mock"}],
     }
-    path = tmp_path / "config.yaml"
-    path.write_text(yaml.safe_dump(config))
-    port, log = free_port(), tmp_path / "serve.log"
-    env = {k: v for k, v in os.environ.items() if not k.startswith("AIPROXY_")}
-    with log.open("wb") as out:
-        process = subprocess.Popen([sys.executable, "-m", "aiproxy", "serve", "--config", str(path),
-                                    "--port", str(port)], stdout=out, stderr=subprocess.STDOUT, env=env,
-                                   cwd=tmp_path)
-    try:
-        url = f"http://127.0.0.1:{port}"
-        wait_healthy(url, process, log)
-        yield Served(url, path, log)
-    finally:
-        process.terminate()
-        try:
-            process.wait(15)
-        except subprocess.TimeoutExpired:
-            process.kill()
-            process.wait(5)
+    with started_proxy(config, tmp_path, log_name="serve.log", stop_timeout=15) as started:
+        yield Served(started.url, started.config, started.log)
 
 
 def test_keys_made_through_the_api_work_with_the_sdk_until_rotated_or_revoked(served: Served) -> None:

@@ -9,9 +9,6 @@ helper checks the event order strictly and rebuilds the final message from the e
 from __future__ import annotations
 
 import base64
-import os
-import subprocess
-import sys
 import uuid
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -20,10 +17,9 @@ from typing import Any
 
 import anthropic
 import pytest
-import yaml
 
 from tests.fakes import FakeAnthropic, FakeOpenAI
-from tests.helpers import free_port, wait_healthy
+from tests.helpers import started_proxy
 
 REPO = Path(__file__).resolve().parent.parent
 MASTER_KEY = "sk-gateway-master-e2e"
@@ -66,27 +62,8 @@ def proxy(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Proxy]:
                 {"name": "claude-fake", "provider": "anthropic", "model": "claude-sonnet-4-5-20250929"},
             ],
         }
-        path = tmp / "config.yaml"
-        path.write_text(yaml.safe_dump(config))
-        port = free_port()
-        log = tmp / "aiproxy.log"
-        env = {k: v for k, v in os.environ.items() if not k.startswith("AIPROXY_")}
-        with log.open("wb") as out:
-            process = subprocess.Popen(
-                [sys.executable, "-m", "aiproxy", "serve", "--config", str(path),
-                 "--host", "127.0.0.1", "--port", str(port)],
-                stdout=out, stderr=subprocess.STDOUT, env=env, cwd=tmp)
-        try:
-            url = f"http://127.0.0.1:{port}"
-            wait_healthy(url, process, log)
-            yield Proxy(url, openai_fake, claude_fake, log)
-        finally:
-            process.terminate()
-            try:
-                process.wait(10)
-            except subprocess.TimeoutExpired:
-                process.kill()
-                process.wait(5)
+        with started_proxy(config, tmp) as started:
+            yield Proxy(started.url, openai_fake, claude_fake, started.log)
 
 
 @pytest.fixture

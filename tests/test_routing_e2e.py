@@ -5,9 +5,6 @@ driven by the real ``openai`` SDK and by a bounded concurrent load."""
 from __future__ import annotations
 
 import asyncio
-import os
-import subprocess
-import sys
 import uuid
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -15,10 +12,9 @@ from dataclasses import dataclass
 import httpx
 import openai
 import pytest
-import yaml
 
 from tests.fakes import FakeOpenAI
-from tests.helpers import free_port, wait_healthy
+from tests.helpers import free_port, started_proxy
 
 KEY = "sk-fake-upstream-key"
 
@@ -53,26 +49,8 @@ def served(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Served]:
                  "cooldown": False, "options": {"error": 503, "error_rate": 0.2, "tokens": 5}},
             ],
         }
-        path = tmp / "config.yaml"
-        path.write_text(yaml.safe_dump(config))
-        port = free_port()
-        log = tmp / "aiproxy.log"
-        env = {k: v for k, v in os.environ.items() if not k.startswith("AIPROXY_")}
-        with log.open("wb") as out:
-            process = subprocess.Popen(
-                [sys.executable, "-m", "aiproxy", "serve", "--config", str(path), "--host", "127.0.0.1",
-                 "--port", str(port)], stdout=out, stderr=subprocess.STDOUT, env=env, cwd=tmp)
-        try:
-            url = f"http://127.0.0.1:{port}"
-            wait_healthy(url, process, log)
-            yield Served(url, main, backup)
-        finally:
-            process.terminate()
-            try:
-                process.wait(10)
-            except subprocess.TimeoutExpired:
-                process.kill()
-                process.wait(5)
+        with started_proxy(config, tmp) as started:
+            yield Served(started.url, main, backup)
 
 
 @pytest.fixture
