@@ -24,6 +24,13 @@ def ensure_venv(venv: Path, log: Path) -> Path:
     return venv
 
 
+def version(venv: Path) -> str:
+    out = subprocess.run([str(venv / "bin" / "python"), "-c",
+                          "import importlib.metadata as m; print(m.version('litellm'))"],
+                         capture_output=True, text=True, timeout=60)
+    return out.stdout.strip() or "?"
+
+
 def command(venv: Path, work: Path, port: int, fast: int, slow: int) -> tuple[list[str], dict[str, str]]:
     config = work / "litellm.yaml"
     config.write_text(f"""model_list:

@@ -123,7 +123,7 @@ def _series(values: list[float], points: int = 8) -> str:
     """At most ``points`` evenly spaced samples, first and last included."""
     if not values:
         return "-"
-    step = max(1, (len(values) - 1) // (points - 1))
+    step = max(1, -(-(len(values) - 1) // (points - 1)))  # ceiling division
     picked = values[::step]
     if picked[-1] is not values[-1]:
         picked.append(values[-1])
@@ -175,7 +175,10 @@ def markdown(r: dict[str, Any], quick: bool) -> str:
         "each call authenticated by a virtual key (`keys.required`, a declared key, SQLite database; "
         "looked up in the in-process key cache, no database round trip). The rate-limit, cache, cost "
         "and usage-log stages do not exist yet (their issues are open), so the *stages* figures are "
-        "pending them; the Redis + PostgreSQL configuration likewise.",
+        "pending them; the Redis + PostgreSQL configuration likewise."
+        + (f" *LiteLLM proxy*: {r['litellm'].note}, in its own virtual environment "
+           "(bench/.venvs/litellm), on the same fake upstream." if r.get("litellm") and r["litellm"].load
+           else ""),
         "",
         "## Targets",
         "",

@@ -171,7 +171,9 @@ class Bench:
         venv = litellm_mode.ensure_venv(measure.HERE / ".venvs" / "litellm", self.log("litellm-install"))
         port = measure.free_port()
         cmd, env = litellm_mode.command(venv, self.work, port, self.fast, self.slow)
-        return self.gateway("LiteLLM proxy", cmd, port, MASTER_KEY, soak=False, env=env, start_limit=180)
+        t = self.gateway("LiteLLM proxy", cmd, port, MASTER_KEY, soak=False, env=env, start_limit=180)
+        t.note = f"litellm {litellm_mode.version(venv)}, one worker (`--num_workers 1`), master key only"
+        return t
 
 
 def machine() -> dict[str, str]:
