@@ -142,7 +142,11 @@ def load_table(r: dict[str, Any], rows: list[Any], levels: tuple[int, ...] = (1,
         cells = []
         for c in levels:
             x = t.load.get(c)
-            cells += ["-", "-"] if x is None else [f"{x.p50_ms:.2f} / {x.p99_ms:.2f}", f"{x.rps:,.0f}"]
+            if x is None:
+                cells += ["-", "-"]
+                continue
+            errors = f" (**{x.errors:,} errors**)" if x.errors else ""
+            cells += [f"{x.p50_ms:.2f} / {x.p99_ms:.2f}", f"{x.rps:,.0f}{errors}"]
         c16 = t.load.get(16)
         cpu = _ms(c16.cpu_ms_per_req, 3) if c16 and c16.cpu_ms_per_req is not None else "-"
         out.append(f"| {t.name} | " + " | ".join(cells) + f" | {cpu} |")
