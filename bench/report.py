@@ -85,7 +85,7 @@ def targets(r: dict[str, Any]) -> list[str]:
         ("RSS per worker after the soak", "≤ 120 MB", f"{_ms(s.rss_after_mb if s else None, 1)} MB",
          s is not None and s.rss_after_mb is not None and s.rss_after_mb <= 120),
         (f"RSS growth over {s.soak_calls if s else 0:,} calls (after the first slice)", "flat",
-         f"{_ms(growth, 1)} MB", growth is not None and growth <= 5),
+         f"{_ms(growth, 1)} MB", None if growth is None else growth <= 5),
         ("cold start to first 200", "≤ 1.5 s", f"{_ms(s.cold_start_s if s else None, 2)} s",
          s is not None and s.cold_start_s is not None and s.cold_start_s <= 1.5),
     ]

@@ -146,7 +146,7 @@ class Bench:
         start = time.monotonic()
         t.rss_series = [measure.rss_mb(pid)]
         while t.soak_calls < self.s.soak_calls and time.monotonic() - start < self.s.soak_limit:
-            got = measure.wrk(port, 16, 3, LOAD_CORE, auth)
+            got = measure.wrk(port, 16, min(3.0, self.s.seconds / 3), LOAD_CORE, auth)
             t.soak_calls += got.requests
             t.rss_series.append(measure.rss_mb(pid))
 
