@@ -14,7 +14,7 @@ from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import TYPE_CHECKING, Any
 
 import anyio
-from starlette.responses import Response, StreamingResponse
+from starlette.responses import Response
 
 from aiproxy import sse, wire
 from aiproxy.call import Call, Egress, Principal, Usage
@@ -192,7 +192,7 @@ class Gateway:
         relay = self._relay(call, first, events)
         if call.egress is not None:
             relay = call.egress.stream(call, relay)
-        return StreamingResponse(relay, headers=headers, media_type="text/event-stream")
+        return sse.EventStream(relay, headers)
 
     async def _relay(self, call: Call, first: bytes | None,
                      events: AsyncIterator[bytes]) -> AsyncIterator[bytes]:
