@@ -210,6 +210,9 @@ def main() -> int:
         print("bench: wrk is not installed: `sudo apt-get install -y wrk` (Debian/Ubuntu) "
               "or `brew install wrk`", file=sys.stderr)
         return 2
+    if hasattr(os, "sched_setaffinity") and (os.cpu_count() or 1) > PROXY_CORE:
+        # the streaming client runs in this process: keep it off the gateway's core, with wrk
+        os.sched_setaffinity(0, {LOAD_CORE})
     settings = Settings(seconds=3, soak_calls=10_000, soak_limit=40, streams=50) if args.quick else \
         Settings(seconds=10, soak_calls=100_000, soak_limit=180, streams=200)
     raw = measure.HERE / "results" / "raw"
