@@ -32,8 +32,11 @@ NOTES = """\
   (`gc.freeze()`); full collections then take ~2 ms.
 - **Streaming** (sequential streams, bare): uvicorn's write per event (13 %, a syscall each)
   and Starlette's `StreamingResponse` (a task group plus a disconnect listener per stream,
-  ~28 % together) dominate; the transport's share is ~4 %. The first stream of a process
-  also imports anyio's asyncio backend lazily.
+  ~28 % together) dominated; the transport's share was ~4 %. Streams now go out through
+  `aiproxy.sse.EventStream` (one plain watcher task per stream notices a client that
+  left): the added first event went from 1.10 ms to 0.72-0.79 ms in the next full run.
+  The benchmark's own streaming client now runs on the load core too (it had been free
+  to land on the gateway's core).
 """
 
 def _ms(v: float | None, digits: int = 2) -> str:
@@ -111,8 +114,8 @@ def _reasons(r: dict[str, Any], cpu: float | None, add1: float | None, dpeak: fl
             "provider, no upstream at all, costs ~80 µs); more workers scale it per core" if floor else ""),
         "streaming first token added": (
             f"the non-streaming added p50 at c1 is {_ms(add1, 3)} ms; the rest is the streaming path "
-            "above the transport (Starlette's StreamingResponse with its task group and disconnect "
-            "listener, the gateway's relay, the provider's SSE re-framing), see the profile below"),
+            "above the transport (the response and its disconnect watcher, the gateway's relay, the "
+            "provider's SSE re-framing), see the profile below"),
         "cold start to first 200": (
             "imports (SQLAlchemy, the provider SDKs' types, …): `python -X importtime -m aiproxy`"),
         "proxy CPU per non-streaming request": f"load average at the start {load}",
