@@ -257,6 +257,7 @@ async def test_a_models_drop_params_and_extra_fields(gateway: Gateway) -> None:
     ({"logit_bias": {"50256": -100}}, "logit_bias"),
     ({"audio": {"voice": "alloy", "format": "wav"}}, "audio"),
     ({"modalities": ["text", "audio"]}, "modalities"),
+    ({"reasoning_effort": ["high"]}, "reasoning_effort"),  # not a string: a 400, not a 500
     ({"web_search_options": {}}, None),  # {} asks for nothing
     ({"response_format": {"type": "json_object"}}, "response_format"),
     ({"functions": [{"name": "f"}]}, "functions"),

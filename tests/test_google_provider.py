@@ -141,6 +141,7 @@ async def test_google_extra_body_reaches_gemini(gclient):
     ({"response_format": {"type": "json_schema", "json_schema": {"name": "x"}}},
      "response_format.json_schema.schema"),
     ({"reasoning_effort": "extreme"}, "reasoning_effort"),
+    ({"reasoning_effort": {"level": "high"}}, "reasoning_effort"),  # not a string: a 400, not a 500
     ({"tools": [{"type": "custom", "function": {"name": "grep"}}]}, "tools[0].type"),
     ({"tools": [WEATHER], "tool_choice": {"type": "function", "function": {"name": "nope"}}}, "tool_choice"),
     ({"google": {"contents": []}}, "google.contents"),

@@ -242,6 +242,7 @@ INVALID = [
     ({**BASE, "messages": USER, "output_config": {"format": {"type": "json_schema"}}},
      "output_config.format"),
     ({**BASE, "messages": USER, "output_config": {"effort": "extreme"}}, "output_config.effort"),
+    ({**BASE, "messages": USER, "output_config": {"effort": ["max"]}}, "output_config.effort"),
 ]
 
 

@@ -135,7 +135,7 @@ def _response_format(value: Any, out: dict[str, Any], body: dict[str, Any]) -> N
 def _reasoning_effort(value: Any, out: dict[str, Any], body: dict[str, Any]) -> None:
     if value == "none":
         return
-    effort = _EFFORT.get(value)
+    effort = _EFFORT.get(value) if isinstance(value, str) else None
     if effort is None:
         raise invalid(f"'reasoning_effort' must be one of none, minimal, low, medium, high, xhigh; "
                       f"got {value!r}", "reasoning_effort")

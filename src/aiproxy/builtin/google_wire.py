@@ -302,7 +302,7 @@ def _generation(body: dict[str, Any]) -> dict[str, Any]:
             config["responseJsonSchema"] = schema
     effort = body.get("reasoning_effort")
     if effort is not None:
-        if effort not in THINKING:
+        if not isinstance(effort, str) or effort not in THINKING:
             raise invalid(f"'reasoning_effort' must be one of {', '.join(THINKING)}, got {effort!r}",
                           "reasoning_effort")
         config["thinkingConfig"] = {"thinkingBudget": THINKING[effort]}

@@ -391,6 +391,6 @@ def _output_config(config: Any, out: dict[str, Any]) -> None:
                                   "json_schema": {"name": "output", "schema": schema}}
     effort = config.get("effort")
     if effort is not None:
-        if effort not in EFFORTS:
+        if not isinstance(effort, str) or effort not in EFFORTS:
             raise _bad("output_config.effort", f"must be one of {', '.join(EFFORTS)}, got {effort!r}")
         out["reasoning_effort"] = EFFORTS[effort]
