@@ -15,7 +15,7 @@ import pytest
 from anthropic.types import Message
 
 from aiproxy import hookimpl
-from aiproxy.call import Call
+from aiproxy.call import Call, Principal
 from aiproxy.errors import ProxyError
 from tests.conftest import OPENAI_BASE, make_config
 from tests.helpers import Errors, assert_no_secret, with_plugins
@@ -260,6 +260,22 @@ async def test_count_tokens_matches_what_the_call_reports(gateway: Callable[...,
     assert counted.status_code == 200, counted.text
     assert counted.json() == {"input_tokens": created.json()["usage"]["input_tokens"]}
     assert counted.json()["input_tokens"] > 0
+
+
+async def test_count_tokens_asks_the_deployment_routed_to_the_caller(gateway: Callable[..., Any]) -> None:
+    """A model's ``route:`` rules pick the deployment that counts, as they pick the one that answers."""
+    class ProCaller:
+        @hookimpl
+        def aiproxy_authenticate(self, call: Call) -> Principal:
+            return Principal(id="k1", tier="pro")
+
+    config = make_config(models=[{"name": "routed", "provider": "mock", "route": {"tier": ["pro"]}},
+                                 {"name": "routed", "provider": "openai", "model": "gpt-4o-mini"}])
+    async with gateway(config, plugin_manager=with_plugins(config, caller=ProCaller())) as (http, _):
+        r = await http.post("/v1/messages/count_tokens", json={"model": "routed",
+                                                               "messages": MESSAGES["messages"]})
+    assert r.status_code == 200, r.text  # the mock (the pro tier's) counts; openai cannot
+    assert r.json()["input_tokens"] > 0
 
 
 async def test_count_tokens_on_a_provider_that_cannot(gateway: Callable[..., Any]) -> None:

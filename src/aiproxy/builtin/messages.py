@@ -73,7 +73,7 @@ async def count_tokens(request: Request) -> Response:
         call.body = to_chat(body, count_only=True)
         call.state["messages"] = body
         call.model = validate.chat(call.body)
-        deployment = gateway.router.pick(call.model)
+        deployment = gateway.router.pick(call.model, call.principal)  # route: rules apply
         allowed = call.principal.allowed_models if call.principal else None
         if allowed is not None and call.model not in allowed:
             raise ProxyError(403, f"This key may not use the model '{call.model}'.", param="model",
