@@ -248,6 +248,17 @@ async def test_429_retry_delay_with_fraction_rounds_up_and_header_wins(gclient):
     assert (await http.post("/v1/chat/completions", json=GEMINI)).headers["retry-after"] == "9"
 
 
+@pytest.mark.parametrize("delay", ["infs", "nans"])
+async def test_429_retry_delay_that_is_no_number_of_seconds_is_ignored(gclient, delay):
+    http, upstream = gclient
+    body = fixture("error_429.json")
+    body["error"]["details"][-1]["retryDelay"] = delay
+    upstream.post(GENERATE).respond(429, json=body)
+    r = await http.post("/v1/chat/completions", json=GEMINI)
+    assert r.status_code == 429, r.text  # not a 500
+    assert "retry-after" not in r.headers
+
+
 async def test_400_invalid_argument_passes_the_message(gclient):
     http, upstream = gclient
     upstream.post(GENERATE).respond(400, json=fixture("error_400.json"))

@@ -238,6 +238,8 @@ def google_error(provider: str, status: int, body: bytes, headers: Mapping[str, 
                     seconds = float(delay[:-1])
                 except ValueError:
                     continue
+                if not math.isfinite(seconds):  # "infs", "nans": ceil() would raise
+                    continue
                 err.headers["retry-after"] = str(max(1, math.ceil(seconds)))
                 break
     return err
