@@ -243,6 +243,28 @@ async def test_database_down_mid_run_cached_keys_work_new_ones_get_503(
             await dead.dispose()
 
 
+async def test_a_key_deleted_elsewhere_is_not_served_from_the_stale_cache_when_the_database_fails(
+        env: Any, migrated_url: str) -> None:
+    async with env(cache_ttl=30, negative_ttl=5) as e:
+        secret, key = await e.store.create_key()
+        assert (await e.chat(secret)).status_code == 200  # cached
+        other = create_engine(migrated_url)
+        try:
+            assert await KeyStore(other).delete_key(key.id, tenant=None)  # another replica
+        finally:
+            await other.dispose()
+        e.clock.t += 31
+        assert (await e.chat(secret)).status_code == 401  # the database says: no such key
+        e.clock.t += 6  # past the negative TTL too
+        dead = create_engine(f"postgresql+asyncpg://postgres@127.0.0.1:{free_port()}/gone")
+        e.store.sessions = session_factory(dead)  # the database goes away
+        try:
+            r = await e.chat(secret)
+            assert r.status_code == 503, r.text  # not 200 from the entry of a deleted key
+        finally:
+            await dead.dispose()
+
+
 async def test_last_used_at_is_written_in_batches_not_per_call(env: Any) -> None:
     async with env(flush_interval=0) as e:
         secret, key = await e.store.create_key()

@@ -195,6 +195,9 @@ class VirtualKeys:
     def _remember(self, digest: str, record: KeyRecord | None) -> None:
         now = self.monotonic()
         if record is None:
+            gone = self.cache.pop(digest, None)  # deleted: never serve it stale later
+            if gone is not None:
+                self._ids.pop(gone[1].id, None)
             if len(self.unknown) >= self.max_unknown:
                 _make_room(self.unknown, now, lambda until: until)
             self.unknown[digest] = now + self.negative_ttl
