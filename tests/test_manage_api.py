@@ -108,6 +108,8 @@ async def test_create_returns_the_plaintext_once_and_never_again(api: Api) -> No
     ({"expires_at": "2030-01-01T00:00:00"}, "expires_at", "timezone"),
     ({"expires_at": "2001-01-01T00:00:00Z"}, "expires_at", "in the past"),
     ({"expires_in": "3 fortnights"}, "expires_in", "duration"),
+    ({"expires_in": "9" * 5000}, "expires_in", "duration"),  # past int()'s digit limit
+    ({"expires_at": "9999-12-31T23:59:59-01:00"}, "expires_at", "out of range"),  # year 10000 in UTC
     ({"expires_in": 0}, "expires_in", "more than 0"),
     ({"expires_in": 60, "expires_at": "2030-01-01T00:00:00Z"}, "expires_in", "not both"),
     ({"name": ""}, "name", "non-empty string"),
@@ -210,7 +212,9 @@ async def test_lists_page_with_limit_and_offset(api: Api) -> None:
         offset = page["next_offset"]
         assert page["has_more"] == (offset is not None)
     assert seen == ids
-    for bad in ("limit=0", "limit=201", "limit=x", "offset=-1"):
+    # "²" and "٣" pass str.isdigit(); 5000 digits is past int()'s limit: 400s, not 500s
+    for bad in ("limit=0", "limit=201", "limit=x", "offset=-1", "limit=%C2%B2", "offset=%D9%A3",
+                f"offset={'9' * 5000}"):
         r = await api.call("GET", f"/keys?{bad}")
         assert r.status_code == 400 and error_of(r)["param"] == bad.split("=")[0]
     await api.call("DELETE", f"/keys/{ids[0]}")

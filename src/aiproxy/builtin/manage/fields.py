@@ -15,7 +15,7 @@ from aiproxy.errors import ProxyError
 from aiproxy.storage.models import ROLES, TIERS
 from aiproxy.storage.pages import MAX_LIMIT
 
-_DURATION = re.compile(r"^\s*(\d+)\s*([smhdw]?)\s*$")
+_DURATION = re.compile(r"^\s*([0-9]{1,12})\s*([smhdw]?)\s*$")  # bounded: int() of 5000 digits raises
 _UNITS = {"": 1, "s": 1, "m": 60, "h": 3600, "d": 86400, "w": 604800}
 MAX_SECONDS = 100 * 365 * 86400
 DEFAULT_LIMIT = 50
@@ -52,7 +52,10 @@ def parse_instant(value: object, param: str) -> dt.datetime:
                          f"got {value!r}") from None
     if when.tzinfo is None:
         raise bad(param, "needs a timezone (end it with Z for UTC)")
-    return when.astimezone(dt.UTC)
+    try:
+        return when.astimezone(dt.UTC)
+    except OverflowError:  # 9999-12-31T23:59-01:00 is in year 10000 in UTC
+        raise bad(param, f"is out of range: {value!r}") from None
 
 
 def model_allowed(name: str, configured: Iterable[str]) -> bool:
@@ -175,7 +178,9 @@ def _query_int(query: Mapping[str, str], name: str, default: int, low: int, high
     value = query.get(name)
     if value is None:
         return default
-    if not value.isdigit() or not low <= int(value) <= high:
+    # ASCII digits only, and few of them: "²" passes isdigit() but not int(), and int()
+    # refuses more than 4300 digits (either would be a 500)
+    if not (value.isascii() and value.isdigit() and len(value) <= 12) or not low <= int(value) <= high:
         raise bad(name, f"expected an integer from {low} to {high}, got {value!r}")
     return int(value)
 
