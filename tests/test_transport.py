@@ -134,6 +134,9 @@ class Server:
             if path == "/held" and not await self._held(reader):
                 return False
             w.write(b"8\r\ndata: 2\n\r\n0\r\n\r\n")
+        elif path == "/interim":  # an unasked-for 103 before the answer
+            w.write(b"HTTP/1.1 103 Early Hints\r\nlink: </x>\r\n\r\n"
+                    b"HTTP/1.1 200 OK\r\ncontent-length: 5\r\n\r\nfinal")
         elif path == "/status/503":
             w.write(b"HTTP/1.1 503 Service Unavailable\r\ncontent-length: 4\r\n\r\nbusy")
         await w.drain()
@@ -411,3 +414,13 @@ async def test_https_verifies_the_server_and_reuses_the_connection(tmp_path: Any
             for _ in range(2):
                 assert (await http.get(url)).json() == {"ok": True}
         assert s.connections == 1  # both calls on one connection (the refused handshake never got here)
+
+
+async def test_an_interim_answer_is_skipped_and_does_not_shift_later_answers(server: Server) -> None:
+    async with client() as http:
+        r = await http.get(server.url("/interim"))
+        assert (r.status_code, r.text) == (200, "final")
+        assert "link" not in r.headers
+        r = await http.get(server.url("/json"))  # the same connection: its own answer, not a leftover
+        assert r.json() == {"ok": True}
+    assert server.connections == 1

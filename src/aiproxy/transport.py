@@ -95,6 +95,9 @@ class _Connection(asyncio.Protocol):
 
     def on_headers_complete(self) -> None:
         self.status = self.parser.get_status_code()
+        if self.status < 200:  # an interim answer (100 Continue, 103 Early Hints): the real one follows
+            self.headers.clear()
+            return
         self.keep_alive = self.parser.should_keep_alive()
         self.headers_done = True
         framed = any(n.lower() in (b"content-length", b"transfer-encoding") for n, _ in self.headers)
@@ -110,6 +113,8 @@ class _Connection(asyncio.Protocol):
         self.wake(True)
 
     def on_message_complete(self) -> None:
+        if self.status < 200:
+            return  # the end of an interim answer
         self.complete = True
         self.wake(True)
 
