@@ -424,3 +424,13 @@ async def test_an_interim_answer_is_skipped_and_does_not_shift_later_answers(ser
         r = await http.get(server.url("/json"))  # the same connection: its own answer, not a leftover
         assert r.json() == {"ok": True}
     assert server.connections == 1
+
+
+async def test_a_line_break_in_a_header_is_refused_without_showing_its_value(server: Server) -> None:
+    async with client() as http:
+        with pytest.raises(httpx.LocalProtocolError) as caught:
+            await http.post(server.url("/json"), content=b"{}",
+                            headers={"authorization": "Bearer sk-tenant\r\nx-injected: 1"})
+        assert "authorization" in str(caught.value) and "sk-tenant" not in str(caught.value)
+        assert (await http.get(server.url("/json"))).status_code == 200
+    assert [path for path, _, _ in server.requests] == ["/json"]  # the bad one never left

@@ -32,6 +32,15 @@ _HIGH_WATER = 256 * 1024  # buffered body bytes before reading from the socket p
 _DEFAULT_PORTS = {b"http": 80, b"https": 443}
 
 
+def _refuse_line_breaks(headers: list[tuple[bytes, bytes]]) -> None:
+    """A CR or LF in a header would let its value write further headers or a second
+    request onto a shared connection (h11 refuses the same). The value may be a key:
+    only the header's name is told."""
+    for name, value in headers:
+        if any(c in name or c in value for c in (b"\r", b"\n")):
+            raise httpx.LocalProtocolError(f"header {name.decode('latin-1')!r} contains a line break")
+
+
 class _Connection(asyncio.Protocol):
     """One upstream connection and the response being read on it (httptools callbacks)."""
 
@@ -275,18 +284,22 @@ class Transport(httpx.AsyncBaseTransport):
         conn.reset()
         url = request.url
         head = [request.method.encode(), b" ", url.raw_path, b" HTTP/1.1\r\n"]
-        for name, value in request.headers.raw:
+        raw = request.headers.raw
+        for name, value in raw:
             head += (name, b": ", value, b"\r\n")
         head.append(b"\r\n")
+        data = b"".join(head)
+        if data.count(b"\n") != len(raw) + 2 or data.count(b"\r") != len(raw) + 2:
+            _refuse_line_breaks(raw)
         write_timeout = timeouts.get("write")
         try:
             body: bytes | None = request.content
         except httpx.RequestNotRead:
             body = None
         if body is not None:
-            await conn.write(b"".join(head) + body, write_timeout)
+            await conn.write(data + body, write_timeout)
         else:
-            await conn.write(b"".join(head), write_timeout)
+            await conn.write(data, write_timeout)
             chunked = request.headers.get("transfer-encoding", "").lower() == "chunked"
             async for part in request.stream:  # type: ignore[union-attr]
                 if part:
