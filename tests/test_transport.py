@@ -434,3 +434,18 @@ async def test_a_line_break_in_a_header_is_refused_without_showing_its_value(ser
         assert "authorization" in str(caught.value) and "sk-tenant" not in str(caught.value)
         assert (await http.get(server.url("/json"))).status_code == 200
     assert [path for path, _, _ in server.requests] == ["/json"]  # the bad one never left
+
+
+async def test_a_request_cancelled_as_it_is_woken_for_a_free_connection_stays_cancelled(
+        server: Server) -> None:
+    async with UpstreamClient(transport=Transport(max_connections=1), timeout=5.0) as http:
+        async with http.stream("GET", server.url("/json")):
+            first = asyncio.create_task(http.get(server.url("/json")))
+            second = asyncio.create_task(http.get(server.url("/json")))
+            await asyncio.sleep(0.005)
+            assert not first.done() and not second.done()
+        first.cancel()  # the connection was just freed and handed to it
+        with pytest.raises(asyncio.CancelledError):
+            await first
+        assert (await second).json() == {"ok": True}  # and passed on
+    assert [path for path, _, _ in server.requests] == ["/json", "/json"]

@@ -329,10 +329,15 @@ class Transport(httpx.AsyncBaseTransport):
                 deadline = now + pool_timeout
             waiter: asyncio.Future[None] = asyncio.get_running_loop().create_future()
             self._waiters.append(waiter)
-            try:
-                await asyncio.wait_for(waiter, None if deadline is None else max(0.0, deadline - now))
-            except TimeoutError:
-                raise httpx.PoolTimeout("no upstream connection became free in time") from None
+            try:  # not asyncio.wait_for: on 3.11 it swallows a cancellation that comes with the wake-up
+                async with asyncio.timeout(None if deadline is None else max(0.0, deadline - now)):
+                    await waiter
+            except BaseException as exc:
+                if waiter.done() and not waiter.cancelled():
+                    self._wake_one()  # woken but leaving: the free slot goes to the next in line
+                if isinstance(exc, TimeoutError):
+                    raise httpx.PoolTimeout("no upstream connection became free in time") from None
+                raise
             finally:
                 if not waiter.done():
                     waiter.cancel()
