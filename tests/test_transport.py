@@ -436,6 +436,22 @@ async def test_a_line_break_in_a_header_is_refused_without_showing_its_value(ser
     assert [path for path, _, _ in server.requests] == ["/json"]  # the bad one never left
 
 
+async def test_an_unread_body_with_reading_paused_leaves_a_usable_connection(
+        server: Server, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr("aiproxy.transport._HIGH_WATER", 1)  # any body pauses reading
+    async with client() as http:
+        async with http.stream("GET", server.url("/json")) as r:
+            conn = r.stream.conn  # type: ignore[attr-defined]
+            for _ in range(100):
+                if conn.complete:
+                    break
+                await asyncio.sleep(0.001)
+            assert conn.complete and conn.reading_paused  # closed unread, whole and paused
+        r = await http.get(server.url("/json"), timeout=httpx.Timeout(5.0, read=1.0))
+        assert r.json() == {"ok": True}
+    assert server.connections == 1
+
+
 async def test_a_request_cancelled_as_it_is_woken_for_a_free_connection_stays_cancelled(
         server: Server) -> None:
     async with UpstreamClient(transport=Transport(max_connections=1), timeout=5.0) as http:

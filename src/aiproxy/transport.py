@@ -379,6 +379,10 @@ class Transport(httpx.AsyncBaseTransport):
         """Back to the pool when it can carry another request, else closed."""
         if reuse and conn.keep_alive and not conn.closed and not self._closed \
                 and self._idle_count < self.max_keepalive:
+            conn.chunks.clear()  # body bytes nobody read: not kept while idle
+            if conn.reading_paused and conn.transport is not None:
+                conn.reading_paused = False  # else the next answer (or the upstream closing) goes unseen
+                conn.transport.resume_reading()
             conn.idle_since = time.monotonic()
             self._idle.setdefault(conn.origin, []).append(conn)
             self._idle_count += 1
