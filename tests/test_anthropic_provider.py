@@ -22,6 +22,7 @@ from anthropic.types import ErrorResponse, Message, ModelInfo, RawMessageStreamE
 from aiproxy import hookimpl
 from aiproxy.call import Call
 from aiproxy.config import Config, PluginsConfig, load_config
+from aiproxy.errors import ProxyError
 from tests.conftest import make_config
 from tests.helpers import assert_no_secret, error_of, with_plugins
 
@@ -595,6 +596,28 @@ async def test_count_tokens(gateway: Gateway) -> None:
     assert route.calls.last.request.headers["x-api-key"] == KEY
     assert sent(route) == {"model": MODEL, "system": "Be brief.", "tools": [tool],
                            "messages": [{"role": "user", "content": [text("Say hi")]}]}
+
+
+async def test_count_tokens_runs_the_before_call_stages(gateway: Gateway) -> None:
+    """A tenant's own key (set by a before-call stage) counts, as it answers; a stage's
+    refusal refuses the count too."""
+    class TenantKey:
+        @hookimpl
+        def aiproxy_before_call(self, call: Call) -> None:
+            if call.state["messages"].get("metadata", {}).get("user_id") == "blocked":
+                raise ProxyError(429, "over the limit", type="rate_limit_error")
+            call.credentials = {"anthropic": "sk-ant-tenant-own-789"}
+
+    config = anthropic_config()
+    body = {"model": "claude-test", "messages": [{"role": "user", "content": "Say hi"}]}
+    async with gateway(config, plugin_manager=with_plugins(config, tenant=TenantKey())) as (http, upstream):
+        route = upstream.post(f"{BASE}/messages/count_tokens").respond(200, json={"input_tokens": 9})
+        r = await http.post("/v1/messages/count_tokens", json=body)
+        refused = await http.post("/v1/messages/count_tokens",
+                                  json={**body, "metadata": {"user_id": "blocked"}})
+    assert r.status_code == 200, r.text
+    assert route.calls.last.request.headers["x-api-key"] == "sk-ant-tenant-own-789"
+    assert refused.status_code == 429 and route.call_count == 1
 
 
 async def test_without_a_key_the_provider_is_left_out(gateway: Gateway) -> None:

@@ -73,13 +73,9 @@ async def count_tokens(request: Request) -> Response:
         call.body = to_chat(body, count_only=True)
         call.state["messages"] = body
         call.model = validate.chat(call.body)
-        deployment = gateway.router.pick(call.model, call.principal)  # route: rules apply
-        allowed = call.principal.allowed_models if call.principal else None
-        if allowed is not None and call.model not in allowed:
-            raise ProxyError(403, f"This key may not use the model '{call.model}'.", param="model",
-                             code="model_not_allowed")
-        call.deployment = deployment
-        call.upstream_model = deployment.upstream_model(call.model)
+        await gateway.admit(call)  # routing, model access and the before-call stages (BYOK keys)
+        deployment = call.deployment
+        assert deployment is not None
         tokens = await deployment.provider.count_tokens(call, deployment)
     except ProxyError as exc:
         return error_response(exc, call.request_id, EGRESS)
