@@ -180,3 +180,30 @@ async def test_least_busy_counts_a_stream_until_it_ends():
 
 
 BODY_STREAM = {"model": "chat", "stream": True, "messages": [{"role": "user", "content": "x"}]}
+
+
+async def test_a_guarded_stream_closed_before_its_second_event_closes_the_upstream():
+    # the relay closes what attempts.stream returned, even when the client left after
+    # the first event: the provider's stream (its upstream response) must close with it
+    from types import SimpleNamespace
+
+    from aiproxy.config import Timeouts
+    from aiproxy.routing import attempts
+
+    closed: list[bool] = []
+
+    async def chat_stream(call, d):
+        try:
+            yield b"first"
+            yield b"second"
+        finally:
+            closed.append(True)
+
+    for count_streams in (False, True):
+        closed.clear()
+        d = SimpleNamespace(provider=SimpleNamespace(chat_stream=chat_stream), id="d", in_flight=0,
+                            limits=Timeouts(idle=5.0, total=60.0), count_streams=count_streams)
+        first, rest = await attempts.stream(SimpleNamespace(), d, "chat_stream")
+        assert first == b"first"
+        await rest.aclose()
+        assert closed == [True] and d.in_flight == 0

@@ -71,7 +71,7 @@ async def stream(call: Call, d: Deployment, method: str) -> tuple[bytes | None, 
         await _close(events)
         raise
     if limits.idle is not None or limits.total is not None:
-        events = _guarded(events, d, limits.idle, None if limits.total is None else began + limits.total)
+        events = _Guarded(events, d, limits.idle, None if limits.total is None else began + limits.total)
     if d.count_streams:
         events = _Counted(events, d)
     return first, events
@@ -290,27 +290,32 @@ class _Counted:
         await _close(self._events)
 
 
-async def _guarded(events: AsyncIterator[bytes], d: Deployment, idle: float | None,
-                   end: float | None) -> AsyncIterator[bytes]:
+class _Guarded:
     """``events``, ended by a 504 when one takes longer than ``idle`` or the stream
-    runs past ``end`` (loop time); the relay turns that into an error event."""
-    loop = asyncio.get_running_loop()
-    try:
-        while True:
-            limit = idle
-            if end is not None:
-                limit = _least(limit, max(0.0, end - loop.time()))
-            try:
-                async with asyncio.timeout(limit):
-                    chunk = await anext(events)
-            except StopAsyncIteration:
-                return
-            except TimeoutError:
-                if end is not None and loop.time() >= end:
-                    raise _timed_out(d, "did not finish its stream in time (timeout.total)") from None
-                raise _timed_out(d, f"sent nothing for {idle:g}s mid-stream (timeout.idle)",
-                                 "upstream_idle_timeout") from None
-            yield chunk
-    finally:
-        await _close(events)
+    runs past ``end`` (loop time); the relay turns that into an error event. Closing it
+    closes ``events`` even before its first step (an async generator would not)."""
 
+    def __init__(self, events: AsyncIterator[bytes], d: Deployment, idle: float | None,
+                 end: float | None) -> None:
+        self._events = events
+        self._d = d
+        self._idle = idle
+        self._end = end
+
+    def __aiter__(self) -> _Guarded:
+        return self
+
+    async def __anext__(self) -> bytes:
+        idle, end = self._idle, self._end
+        limit = idle if end is None else _least(idle, max(0.0, end - asyncio.get_running_loop().time()))
+        try:
+            async with asyncio.timeout(limit):
+                return await anext(self._events)
+        except TimeoutError:
+            if end is not None and asyncio.get_running_loop().time() >= end:
+                raise _timed_out(self._d, "did not finish its stream in time (timeout.total)") from None
+            raise _timed_out(self._d, f"sent nothing for {idle:g}s mid-stream (timeout.idle)",
+                             "upstream_idle_timeout") from None
+
+    async def aclose(self) -> None:
+        await _close(self._events)
