@@ -142,6 +142,10 @@ async def test_google_extra_body_reaches_gemini(gclient):
      "response_format.json_schema.schema"),
     ({"reasoning_effort": "extreme"}, "reasoning_effort"),
     ({"reasoning_effort": {"level": "high"}}, "reasoning_effort"),  # not a string: a 400, not a 500
+    ({"tools": [WEATHER], "tool_choice": {"type": "allowed_tools", "allowed_tools": "get_weather"}},
+     "tool_choice.allowed_tools"),
+    ({"tools": [WEATHER], "tool_choice": {"type": "allowed_tools", "allowed_tools": {"tools": 5}}},
+     "tool_choice.allowed_tools"),
     ({"tools": [{"type": "custom", "function": {"name": "grep"}}]}, "tools[0].type"),
     ({"tools": [WEATHER], "tool_choice": {"type": "function", "function": {"name": "nope"}}}, "tool_choice"),
     ({"google": {"contents": []}}, "google.contents"),

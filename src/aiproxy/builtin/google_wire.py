@@ -250,9 +250,12 @@ def _tools(tools: list[dict[str, Any]], choice: Any) -> dict[str, Any]:
     if choice in ("none", "auto", "required"):
         config = {"mode": {"none": "NONE", "auto": "AUTO", "required": "ANY"}[choice]}
     elif isinstance(choice, dict) and choice.get("type") == "allowed_tools":
-        allowed = choice.get("allowed_tools") or {}
-        wanted = {_chosen(t, declarations, "tool_choice.allowed_tools.tools")
-                  for t in allowed.get("tools") or []}
+        allowed = choice.get("allowed_tools")
+        listed = allowed.get("tools") if isinstance(allowed, dict) else None
+        if not isinstance(listed, list):
+            raise invalid("'tool_choice.allowed_tools' must be {\"mode\": ..., \"tools\": [...]}",
+                          "tool_choice.allowed_tools")
+        wanted = {_chosen(t, declarations, "tool_choice.allowed_tools.tools") for t in listed}
         declarations = [d for d in declarations if d["name"] in wanted]
         config = {"mode": "ANY" if allowed.get("mode") == "required" else "AUTO"}
     elif isinstance(choice, dict):
