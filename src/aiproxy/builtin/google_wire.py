@@ -252,7 +252,7 @@ def _tools(tools: list[dict[str, Any]], choice: Any) -> dict[str, Any]:
     elif isinstance(choice, dict) and choice.get("type") == "allowed_tools":
         allowed = choice.get("allowed_tools")
         listed = allowed.get("tools") if isinstance(allowed, dict) else None
-        if not isinstance(listed, list):
+        if not isinstance(allowed, dict) or not isinstance(listed, list):
             raise invalid("'tool_choice.allowed_tools' must be {\"mode\": ..., \"tools\": [...]}",
                           "tool_choice.allowed_tools")
         wanted = {_chosen(t, declarations, "tool_choice.allowed_tools.tools") for t in listed}
