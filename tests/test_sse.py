@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import AsyncIterator, Iterable
+from typing import Any
 
 import orjson
 import pytest
 
+from aiproxy import sse
 from aiproxy.sse import DONE, data_events, event, ndjson_lines
 
 
@@ -144,3 +147,46 @@ async def test_ndjson_byte_by_byte():
     stream = b'{"x":"1"}\n{"x":"2"}\n\n{"x":"3"}'
     assert await lines(*(stream[i:i + 1] for i in range(len(stream)))) == \
         [b'{"x":"1"}', b'{"x":"2"}', b'{"x":"3"}']
+
+
+async def test_event_stream_runs_the_relays_cleanup_when_the_head_cannot_be_sent() -> None:
+    cleaned: list[str] = []
+
+    async def relay() -> AsyncIterator[bytes]:
+        try:
+            yield b"data: 1\n\n"
+            yield b"data: 2\n\n"
+        finally:
+            cleaned.append("closed")
+
+    async def receive() -> dict[str, Any]:
+        await asyncio.Event().wait()  # the client never leaves
+        return {"type": "http.disconnect"}
+
+    async def send(message: dict[str, Any]) -> None:
+        raise OSError("the connection broke before the head went out")
+
+    with pytest.raises(OSError):
+        await sse.EventStream(relay(), {})({"type": "http"}, receive, send)
+    assert cleaned == ["closed"]
+
+
+async def test_event_stream_sends_head_events_and_end_in_order() -> None:
+    async def relay() -> AsyncIterator[bytes]:
+        yield b"data: 1\n\n"
+        yield sse.DONE
+
+    async def receive() -> dict[str, Any]:
+        await asyncio.Event().wait()
+        return {"type": "http.disconnect"}
+
+    sent: list[dict[str, Any]] = []
+
+    async def send(message: dict[str, Any]) -> None:
+        sent.append(message)
+
+    await sse.EventStream(relay(), {"x-request-id": "r1"})({"type": "http"}, receive, send)
+    assert [m["type"] for m in sent] == ["http.response.start"] + ["http.response.body"] * 3
+    assert (b"x-request-id", b"r1") in sent[0]["headers"]
+    assert [m.get("body") for m in sent[1:]] == [b"data: 1\n\n", sse.DONE, b""]
+    assert sent[-1]["more_body"] is False

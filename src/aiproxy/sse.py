@@ -121,11 +121,17 @@ class EventStream(Response):
             gone = True
             task.cancel()
 
-        await send({"type": "http.response.start", "status": 200, "headers": self.raw_headers})
         watcher = asyncio.create_task(watch())
         try:
-            async for chunk in self.events:
+            # Take the first event before the head goes out: once the relay has started, its
+            # own cleanup (closing the upstream, the after-call stages) runs however this
+            # ends, a failed or cancelled send of the head included. The gateway already
+            # holds that event, so this costs no wait.
+            chunk = await anext(self.events, None)
+            await send({"type": "http.response.start", "status": 200, "headers": self.raw_headers})
+            while chunk is not None:
                 await send({"type": "http.response.body", "body": chunk, "more_body": True})
+                chunk = await anext(self.events, None)
             await send({"type": "http.response.body", "body": b"", "more_body": False})
         except asyncio.CancelledError:
             if not gone or task.uncancel():
