@@ -14,8 +14,8 @@ from tests.manage_support import MASTER, Api, make_tenant, manage_app, manage_co
 
 
 @pytest.fixture
-async def api(db_url: str):  # type: ignore[no-untyped-def]
-    async with manage_app(db_url) as a:
+async def api(migrated_url: str):  # type: ignore[no-untyped-def]
+    async with manage_app(migrated_url) as a:
         yield a
 
 
@@ -28,9 +28,9 @@ async def test_no_key_is_401_and_a_wrong_key_is_401(api: Api) -> None:
         assert error_of(r)["code"] == "invalid_api_key"
 
 
-async def test_without_a_master_key_an_anonymous_caller_still_gets_401(db_url: str) -> None:
-    config = manage_config(db_url, server={})
-    async with manage_app(db_url, config) as api:
+async def test_without_a_master_key_an_anonymous_caller_still_gets_401(migrated_url: str) -> None:
+    config = manage_config(migrated_url, server={})
+    async with manage_app(migrated_url, config) as api:
         r = await api.call("GET", "/tenants", key=None)
         assert r.status_code == 401
         assert "master key or an admin key" in error_of(r)["message"]
@@ -257,13 +257,13 @@ async def test_providers_lists_models_and_health_and_never_a_key(api: Api) -> No
     assert "sk-upstream-secret-123" not in r.text and "api_key" not in r.text
 
 
-async def test_a_provider_without_its_key_is_reported_unavailable(db_url: str) -> None:
-    config = manage_config(db_url, providers={
+async def test_a_provider_without_its_key_is_reported_unavailable(migrated_url: str) -> None:
+    config = manage_config(migrated_url, providers={
         "openai": {"plugin": "openai", "api_base": "https://u:pw@api.openai.test/v1?token=t0k",
                    "api_key": None},
         "mock": {"plugin": "mock"}},
         models=[{"name": "gpt-test", "provider": "openai"}, {"name": "mock-*", "provider": "mock"}])
-    async with manage_app(db_url, config) as api:
+    async with manage_app(migrated_url, config) as api:
         data = {p["name"]: p for p in (await api.call("GET", "/providers")).json()["data"]}
     assert data["openai"]["status"] == "unavailable" and "api_key" in data["openai"]["detail"]
     assert data["openai"]["api_base"] == "https://api.openai.test/v1"  # no user:password, no query

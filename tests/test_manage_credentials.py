@@ -23,10 +23,10 @@ REPLY = {"id": "chatcmpl-1", "object": "chat.completion", "created": 1, "model":
 
 
 @pytest.fixture
-async def api(db_url: str):  # type: ignore[no-untyped-def]
+async def api(migrated_url: str):  # type: ignore[no-untyped-def]
     upstream = respx.MockRouter(assert_all_called=False, using=None)
     upstream.post(f"{OPENAI_BASE}/chat/completions").respond(json=REPLY)
-    async with manage_app(db_url, transport=httpx.MockTransport(upstream.async_handler)) as a:
+    async with manage_app(migrated_url, transport=httpx.MockTransport(upstream.async_handler)) as a:
         a.upstream = upstream  # type: ignore[attr-defined]
         yield a
 
@@ -94,9 +94,9 @@ async def test_bad_credential_requests(api: Api, path: str, body: dict[str, obje
     assert OWN_KEY not in r.text
 
 
-async def test_without_an_encryption_key_nothing_is_stored(db_url: str) -> None:
-    config = manage_config(db_url, security={})
-    async with manage_app(db_url, config) as api:
+async def test_without_an_encryption_key_nothing_is_stored(migrated_url: str) -> None:
+    config = manage_config(migrated_url, security={})
+    async with manage_app(migrated_url, config) as api:
         a = await make_tenant(api, "acme")
         r = await api.call("PUT", PATH, key=a.admin_key, json={"api_key": OWN_KEY})
         assert r.status_code == 503 and error_of(r)["code"] == "encryption_not_configured"

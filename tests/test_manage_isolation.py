@@ -55,8 +55,8 @@ class World:
 
 
 @pytest.fixture
-async def world(db_url: str) -> AsyncIterator[World]:
-    async with manage_app(db_url) as api:
+async def world(migrated_url: str) -> AsyncIterator[World]:
+    async with manage_app(migrated_url) as api:
         a = await make_tenant(api, "acme")
         b = await make_tenant(api, "globex")
         await api.call("PUT", "/providers/openai/credentials", key=b.admin_key, json={"api_key": B_OWN_KEY})

@@ -52,12 +52,12 @@ async def _database_text(url: str) -> bytes:
 
 
 async def test_no_secret_in_the_database_the_logs_or_any_answer(
-        db_url: str, tmp_path: Path, caplog: pytest.LogCaptureFixture,
+        migrated_url: str, tmp_path: Path, caplog: pytest.LogCaptureFixture,
         capsys: pytest.CaptureFixture[str]) -> None:
     caplog.set_level(logging.DEBUG)
     upstream = respx.MockRouter(assert_all_called=False, using=None)
     upstream.post(f"{OPENAI_BASE}/chat/completions").respond(json=REPLY)
-    async with manage_app(db_url, transport=httpx.MockTransport(upstream.async_handler)) as api:
+    async with manage_app(migrated_url, transport=httpx.MockTransport(upstream.async_handler)) as api:
         tenants = [await make_tenant(api, name) for name in OWN_KEYS]
         for t, own in zip(tenants, OWN_KEYS.values(), strict=True):
             await api.call("PATCH", f"/keys/{t.member_key_id}",
@@ -85,7 +85,7 @@ async def test_no_secret_in_the_database_the_logs_or_any_answer(
 
         cfg = tmp_path / "cli.yaml"
         cfg.write_text(f"providers: {{mock: {{plugin: mock}}}}\nmodels: [{{name: mock-*, provider: mock}}]\n"
-                       f"plugins: {{dir: null}}\ndatabase: {{url: '{db_url}'}}\n")
+                       f"plugins: {{dir: null}}\ndatabase: {{url: '{migrated_url}'}}\n")
         capsys.readouterr()
         assert await asyncio.to_thread(main, ["keys", "create", "--tenant", a.id, "--config", str(cfg)]) == 0
         printed = capsys.readouterr().out
@@ -97,7 +97,7 @@ async def test_no_secret_in_the_database_the_logs_or_any_answer(
 
     secrets = [*virtual, MASTER, SHARED_KEY, ENCRYPTION_KEY, wrong, *OWN_KEYS.values()]
     assert len(set(virtual)) == 6  # 2 tenants x 2 keys, a rotation, the CLI's
-    database = await _database_text(db_url)
+    database = await _database_text(migrated_url)
     for key in virtual:  # the grep can see the keys' rows: their hashes are there
         assert hash_key(key).encode() in database
     logs = caplog.text
