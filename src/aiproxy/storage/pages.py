@@ -16,9 +16,9 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any, Generic, TypeVar
 
-from sqlalchemy import Select, false, or_, select
+from sqlalchemy import false, or_, select
 
-from aiproxy.storage.keys import KeyStore, NotFound, Scope, StoreError, _AllTenants
+from aiproxy.storage.keys import KeyStore, NotFound, Scope, StoreError, _AllTenants, _in_scope, _scoped
 from aiproxy.storage.models import ROLES, ApiKey, Tenant, User
 from aiproxy.storage.records import KeyRecord, TenantRecord, UserRecord
 
@@ -35,12 +35,6 @@ class Page(Generic[R]):
     @property
     def next_offset(self) -> int | None:
         return self.offset + len(self.items) if self.has_more else None
-
-
-def _scoped(query: Select[Any], column: Any, tenant: Scope) -> Select[Any]:
-    if isinstance(tenant, _AllTenants):
-        return query
-    return query.where(column.is_(None) if tenant is None else column == tenant)
 
 
 def _bounds(offset: int, limit: int) -> tuple[int, int]:
@@ -119,7 +113,7 @@ async def update_user(store: KeyStore, user_id: str, *, tenant: Scope, **changes
         changes["meta"] = changes.pop("metadata") or {}
     async with store._tx() as s:
         row = await s.get(User, user_id)
-        if row is None or not (isinstance(tenant, _AllTenants) or row.tenant_id == tenant):
+        if row is None or not _in_scope(row.tenant_id, tenant):
             raise NotFound(f"no user {user_id!r}")
         for field_name, value in changes.items():
             setattr(row, field_name, value)
