@@ -51,6 +51,14 @@ async def test_a_member_key_gets_403_everywhere_but_its_own_record(api: Api) -> 
     assert "key" not in me and "hash" not in me and a.member_key not in r.text
 
 
+async def test_a_key_whose_metadata_names_another_key_still_reads_only_itself(api: Api) -> None:
+    a = await make_tenant(api, "acme")
+    made = (await api.call("POST", "/keys", json={"user_id": a.member_user, "name": "sly",
+                                                   "metadata": {"key_id": a.admin_key_id}})).json()
+    r = await api.call("GET", "/keys/self", key=made["key"])
+    assert r.status_code == 200 and r.json()["id"] == made["id"] != a.admin_key_id
+
+
 async def test_an_admin_key_may_not_create_or_delete_tenants(api: Api) -> None:
     a = await make_tenant(api, "acme")
     r = await api.call("POST", "/tenants", key=a.admin_key, json={"name": "mine"})

@@ -80,7 +80,7 @@ async def get_self(caller: Caller) -> Result:
     if principal.kind != "key":
         raise ProxyError(404, "The caller's key is not a stored virtual key (the master key has no "
                          "record).", code="not_found")
-    key_id = str(principal.metadata.get("key_id") or principal.id)
+    key_id = principal.id  # never the key's metadata: whoever made the key wrote that
     record = await caller.store.get_key(key_id, tenant=principal.tenant)
     if record is None:
         raise NotFound(f"no key {key_id!r}")
