@@ -7,6 +7,7 @@ test_google_e2e.py. Every body sent upstream is checked against ``google.genai.t
 
 from __future__ import annotations
 
+import asyncio
 import json
 import logging
 from pathlib import Path
@@ -410,6 +411,28 @@ async def test_more_than_a_batch_of_inputs_is_split(gclient):
     data = r.json()["data"]
     assert [d["index"] for d in data] == list(range(130))
     assert data[99]["embedding"] == [100.0, 99.0] and data[100]["embedding"] == [30.0, 0.0]
+
+
+async def test_one_failed_embedding_batch_cancels_the_others(gclient):
+    http, upstream = gclient
+    cancelled = asyncio.Event()
+
+    async def answer(request):
+        if json.loads(request.content)["requests"][0]["content"]["parts"][0]["text"] == "t0":
+            return httpx.Response(400, json={"error": {"code": 400, "message": "bad batch",
+                                                       "status": "INVALID_ARGUMENT"}})
+        try:
+            await asyncio.sleep(30)  # the second batch would run on, and be billed
+        except asyncio.CancelledError:
+            cancelled.set()
+            raise
+        return httpx.Response(500)
+
+    upstream.post(f"{GOOGLE_BASE}/models/gemini-embedding-001:batchEmbedContents").mock(side_effect=answer)
+    texts = [f"t{i}" for i in range(130)]
+    r = await asyncio.wait_for(http.post("/v1/embeddings", json={"model": "gemini-embed", "input": texts}), 10)
+    assert r.status_code == 400 and "bad batch" in r.json()["error"]["message"]
+    assert cancelled.is_set()
 
 
 @pytest.mark.parametrize("value", [[1, 2, 3], [[1, 2]], ["a", ""]])

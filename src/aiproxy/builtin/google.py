@@ -114,7 +114,12 @@ class GoogleProvider(HTTPProvider):
             vectors = [_values(data.get("embedding"))]
         else:
             batches = [texts[i:i + BATCH] for i in range(0, len(texts), BATCH)]
-            answers = await asyncio.gather(*(self._batch(call, deployment, b, dims) for b in batches))
+            tasks = [asyncio.ensure_future(self._batch(call, deployment, b, dims)) for b in batches]
+            try:
+                answers = await asyncio.gather(*tasks)
+            finally:  # one batch failed (or the client left): stop paying for the others
+                for task in tasks:
+                    task.cancel()
             vectors = [v for answer in answers for v in answer]
         if len(vectors) != len(texts) or any(v is None for v in vectors):
             raise invalid_response(self.name, "expected one embedding per input")
