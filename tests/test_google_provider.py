@@ -430,7 +430,8 @@ async def test_one_failed_embedding_batch_cancels_the_others(gclient):
 
     upstream.post(f"{GOOGLE_BASE}/models/gemini-embedding-001:batchEmbedContents").mock(side_effect=answer)
     texts = [f"t{i}" for i in range(130)]
-    r = await asyncio.wait_for(http.post("/v1/embeddings", json={"model": "gemini-embed", "input": texts}), 10)
+    body = {"model": "gemini-embed", "input": texts}
+    r = await asyncio.wait_for(http.post("/v1/embeddings", json=body), 10)
     assert r.status_code == 400 and "bad batch" in r.json()["error"]["message"]
     assert cancelled.is_set()
 
