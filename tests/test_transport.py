@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 from collections.abc import AsyncIterator
+from types import SimpleNamespace
 from typing import Any
 
 import httpx
@@ -465,3 +466,23 @@ async def test_a_request_cancelled_as_it_is_woken_for_a_free_connection_stays_ca
             await first
         assert (await second).json() == {"ok": True}  # and passed on
     assert [path for path, _, _ in server.requests] == ["/json", "/json"]
+
+
+async def test_idle_connections_expire_even_when_their_origin_is_not_called_again(
+        server: Server, monkeypatch: pytest.MonkeyPatch) -> None:
+    now = [1000.0]  # the pool's clock; the event loop's timer still runs in real time
+    monkeypatch.setattr("aiproxy.transport.time", SimpleNamespace(monotonic=lambda: now[0]))
+    transport = Transport(keepalive_expiry=0.05)
+    async with Server() as other, UpstreamClient(transport=transport, timeout=5.0) as http:
+        assert (await http.get(server.url("/json"))).status_code == 200  # idle from 1000.0: timer armed
+        now[0] = 1000.04
+        assert (await http.get(other.url("/json"))).status_code == 200  # idle from 1000.04
+        now[0] = 1000.05
+        await server.wait_closed(1)  # the timer closed the expired one, nobody called its origin
+        assert other.closed == 0 and transport._idle_count == 1  # not yet expired: the timer is re-armed
+        now[0] = 1000.09
+        await other.wait_closed(1)
+        assert transport._open == 0 and transport._idle_count == 0 and not transport._idle
+        assert (await http.get(server.url("/json"))).status_code == 200  # a new connection
+        assert server.connections == 2 and transport._expiry is not None
+    assert transport._expiry is None  # aclose cancelled the timer

@@ -7,9 +7,10 @@ tells it (``connection_lost``), so taking one from the pool is a ``list.pop``.
 
 What it does: one pool per origin (scheme, host, port), most recently used first;
 ``max_connections`` open in all, at most ``max_keepalive`` idle, each idle for at most
-``keepalive_expiry`` s. Bodies stream both ways (``content-length`` or chunked); a
-response read to its end puts its connection back, one closed early (a client that
-went away) closes it, which cancels the request upstream. Timeouts are httpx's
+``keepalive_expiry`` s (one timer per pool closes them, their origin called again or
+not). Bodies stream both ways (``content-length`` or chunked); a response read to its
+end puts its connection back, one closed early (a client that went away) closes it,
+which cancels the request upstream. Timeouts are httpx's
 (``request.extensions["timeout"]``: connect, read, write, pool) and failures are
 httpx's exceptions, so ``httpx.AsyncClient`` and everything above it stay unchanged.
 TLS through :mod:`ssl` for https. HTTP/1.1 only; no proxies (the client never uses
@@ -242,6 +243,10 @@ class Transport(httpx.AsyncBaseTransport):
         self._open = 0
         self._waiters: deque[asyncio.Future[None]] = deque()
         self._closed = False
+        # one timer for the whole pool closes idle connections as they expire, so an
+        # origin nobody calls again does not keep its sockets open
+        self._expiry: asyncio.TimerHandle | None = None
+        self._expiry_loop: asyncio.AbstractEventLoop | None = None
 
     # ------------------------------------------------------------ httpx interface
     async def handle_async_request(self, request: httpx.Request) -> httpx.Response:
@@ -267,6 +272,9 @@ class Transport(httpx.AsyncBaseTransport):
 
     async def aclose(self) -> None:
         self._closed = True
+        if self._expiry is not None:
+            self._expiry.cancel()
+            self._expiry = None
         for conns in self._idle.values():
             for conn in conns:
                 conn.close()
@@ -386,10 +394,43 @@ class Transport(httpx.AsyncBaseTransport):
             conn.idle_since = time.monotonic()
             self._idle.setdefault(conn.origin, []).append(conn)
             self._idle_count += 1
+            if self._expiry is None or self._expiry_loop is not conn.loop:
+                self._arm_expiry(conn.loop, self.keepalive_expiry)
         else:
             conn.close()
             self._open -= 1
         self._wake_one()
+
+    def _arm_expiry(self, loop: asyncio.AbstractEventLoop, delay: float) -> None:
+        if self._expiry is not None:
+            self._expiry.cancel()  # (one armed on an event loop no longer running this pool)
+        self._expiry = loop.call_later(delay, self._close_expired)
+        self._expiry_loop = loop
+
+    def _close_expired(self) -> None:
+        """The timer: close every idle connection past ``keepalive_expiry`` (or already
+        closed by the upstream), then wait for the next one to expire, if any is left."""
+        self._expiry = None
+        if self._closed:
+            return
+        now = time.monotonic()
+        expired = now - self.keepalive_expiry
+        oldest: float | None = None
+        closed = 0
+        for origin, conns in list(self._idle.items()):
+            while conns and (conns[0].closed or conns[0].idle_since <= expired):  # oldest first
+                conns.pop(0).close()
+                closed += 1
+            if not conns:
+                del self._idle[origin]  # an origin nobody calls does not stay in the pool
+            elif oldest is None or conns[0].idle_since < oldest:
+                oldest = conns[0].idle_since
+        self._idle_count -= closed
+        self._open -= closed
+        if oldest is not None and self._expiry_loop is not None:
+            self._arm_expiry(self._expiry_loop, oldest - expired)
+        for _ in range(closed):
+            self._wake_one()
 
     def _wake_one(self) -> None:
         while self._waiters:
