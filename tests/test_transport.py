@@ -369,6 +369,20 @@ async def test_timeout_given_to_build_request_reaches_the_transport() -> None:
     assert got == [{"connect": 3.0, "read": 7.0, "write": 3.0, "pool": 3.0}]
 
 
+async def test_requests_sharing_a_timeout_each_get_their_own_extensions() -> None:
+    async with build_client(httpx.MockTransport(lambda r: httpx.Response(200))) as http:
+        limits = httpx.Timeout(3.0, read=7.0)
+        first = http.build_request("POST", "http://up/v1/x", content=b"{}", timeout=limits)
+        first.extensions["aiproxy.credential"] = "sk-first"  # what a provider adds to one request
+        second = http.build_request("POST", "http://up/v1/x", content=b"{}", timeout=limits)
+        assert second.extensions == {"timeout": {"connect": 3.0, "read": 7.0, "write": 3.0, "pool": 3.0}}
+        assert http.build_request("GET", "http://up/v1/x", timeout=2.0).extensions["timeout"]["read"] == 2.0
+        http.timeout = httpx.Timeout(4.0)  # a new client default is the one used from then on
+        assert http.build_request("GET", "http://up/v1/x").extensions["timeout"]["read"] == 4.0
+        http.timeout = httpx.Timeout(None)
+        assert http.build_request("GET", "http://up/v1/x").extensions["timeout"]["read"] is None
+
+
 def _self_signed(tmp: Any) -> tuple[str, str]:
     """A certificate for 127.0.0.1 and its key, as PEM files."""
     import datetime as dt

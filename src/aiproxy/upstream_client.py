@@ -37,6 +37,9 @@ class UpstreamClient(httpx.AsyncClient):
     def __init__(self, **kwargs: Any) -> None:
         super().__init__(**kwargs)
         self._urls: dict[str, httpx.URL] = {}
+        # id(timeout) -> (that timeout, its as_dict()): a deployment's httpx.Timeout is built
+        # once, so a request need not copy it; the entry holds the object, so its id stays its own
+        self._timeouts: dict[int, tuple[TimeoutTypes, dict[str, float | None]]] = {}
         self._default_headers = {k.lower(): v for k, v in self.headers.items()}
 
     def build_request(self, method: str, url: httpx.URL | str, *, content: RequestContent | None = None,
@@ -56,10 +59,16 @@ class UpstreamClient(httpx.AsyncClient):
             if len(self._urls) >= _URL_CACHE_SIZE:
                 self._urls.clear()
             parsed = self._urls[url] = httpx.URL(url)
-        limits = self.timeout if isinstance(timeout, UseClientDefault) else httpx.Timeout(timeout)
+        limits: TimeoutTypes = self.timeout if isinstance(timeout, UseClientDefault) else timeout
+        cached = self._timeouts.get(id(limits))
+        if cached is None or cached[0] is not limits:
+            if len(self._timeouts) >= _URL_CACHE_SIZE:
+                self._timeouts.clear()
+            cached = self._timeouts[id(limits)] = (limits, httpx.Timeout(limits).as_dict())
         merged = {**self._default_headers, **headers} if headers else self._default_headers
+        # a new extensions dict per request (a provider adds to it); the timeouts in it are only read
         return httpx.Request(method, parsed, content=content, headers=merged,
-                             extensions={"timeout": limits.as_dict()})
+                             extensions={"timeout": cached[1]})
 
     def _has_cookies(self) -> bool:
         # ``bool(self.cookies)`` walks the whole jar on every call; its dict is enough
