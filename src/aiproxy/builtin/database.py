@@ -51,6 +51,8 @@ class Database:
         app.state.database = self.engine
         app.state.key_store = KeyStore(self.engine)
         app.state.credential_store = CredentialStore(self.engine, self.cipher)
+        # deleting a tenant deletes its provider keys: their listeners hear of it
+        app.state.key_store.subscribe_tenants(app.state.credential_store._tenant_changed)
         log.info("database: %s", redact(self.url))
 
     @hookimpl

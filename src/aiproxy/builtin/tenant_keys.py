@@ -13,6 +13,7 @@ or decrypted (wrong ``ENCRYPTION_KEY``), its calls get 503, never the shared key
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import time
 from collections.abc import Callable
@@ -40,6 +41,8 @@ class TenantKeys:
         self.monotonic = monotonic
         self.store: CredentialStore | None = None
         self.cache: dict[str, tuple[float, dict[str, str]]] = {}
+        self._pending: dict[str, asyncio.Future[dict[str, str]]] = {}
+        self._generations: dict[str, int] = {}  # bumped by forget(): a lookup in flight must not re-cache
 
     @hookimpl
     async def aiproxy_startup(self, app: Starlette) -> None:
@@ -56,7 +59,9 @@ class TenantKeys:
         store.subscribe_tenants(self.forget)
 
     def forget(self, tenant_id: str) -> None:
+        self._generations[tenant_id] = self._generations.get(tenant_id, 0) + 1
         self.cache.pop(tenant_id, None)
+        self._pending.pop(tenant_id, None)  # later callers don't join a lookup that began before
 
     @hookimpl
     async def aiproxy_before_call(self, call: Call) -> None:
@@ -71,22 +76,41 @@ class TenantKeys:
         entry = self.cache.get(tenant_id)
         if entry is not None and entry[0] > self.monotonic():
             return entry[1]
+        task = self._pending.get(tenant_id)
+        if task is None:  # concurrent misses for one tenant share one lookup
+            task = asyncio.ensure_future(self._fetch(tenant_id))
+            self._pending[tenant_id] = task
+            task.add_done_callback(lambda t: self._settled(tenant_id, t))
+        try:
+            return await asyncio.shield(task)  # a caller that leaves doesn't cancel the others'
+        except DatabaseError:
+            if entry is not None:
+                return entry[1]  # stale beats failing while the database is away
+            raise _unavailable("the key store is unavailable") from None
+        except CryptoError:
+            raise _unavailable("this tenant's provider keys cannot be decrypted; "
+                               "the operator has been told") from None
+
+    async def _fetch(self, tenant_id: str) -> dict[str, str]:
+        generation = self._generations.get(tenant_id, 0)
         assert self.store is not None
         try:
             if self.store.cipher is None:
                 keys = await self._without_cipher(tenant_id)
             else:
                 keys = await self.store.for_tenant(tenant_id) or _NONE
-        except DatabaseError:
-            if entry is not None:
-                return entry[1]  # stale beats failing while the database is away
-            raise _unavailable("the key store is unavailable") from None
         except CryptoError as exc:
             log.error("provider keys of tenant %s cannot be decrypted: %s", tenant_id, exc)
-            raise _unavailable("this tenant's provider keys cannot be decrypted; "
-                               "the operator has been told") from None
-        self.cache[tenant_id] = (self.monotonic() + self.ttl, keys)
+            raise
+        if generation == self._generations.get(tenant_id, 0):  # unchanged meanwhile: current
+            self.cache[tenant_id] = (self.monotonic() + self.ttl, keys)
         return keys
+
+    def _settled(self, tenant_id: str, task: asyncio.Future[dict[str, str]]) -> None:
+        if self._pending.get(tenant_id) is task:
+            del self._pending[tenant_id]
+        if not task.cancelled():
+            task.exception()  # retrieved here; each waiter handles it
 
     async def _without_cipher(self, tenant_id: str) -> dict[str, str]:
         assert self.store is not None

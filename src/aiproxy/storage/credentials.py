@@ -16,7 +16,6 @@ this replica's in-memory copy is dropped at once.
 
 from __future__ import annotations
 
-from collections.abc import Callable
 from typing import Any
 
 from sqlalchemy import select
@@ -39,10 +38,6 @@ class CredentialStore(Store):
     def __init__(self, engine: AsyncEngine, cipher: Cipher | None) -> None:
         super().__init__(engine)
         self.cipher = cipher
-        self._tenant_listeners: list[Callable[[str], None]] = []
-
-    def subscribe_tenants(self, listener: Callable[[str], None]) -> None:
-        self._tenant_listeners.append(listener)
 
     def _need_cipher(self) -> Cipher:
         if self.cipher is None:
@@ -129,10 +124,6 @@ class CredentialStore(Store):
                 self._tenant_changed(tenant_id)
             if len(rows) < batch:
                 return changed
-
-    def _tenant_changed(self, tenant_id: str) -> None:
-        for listener in self._tenant_listeners:
-            listener(tenant_id)
 
 
 def _entry(row: ProviderCredential) -> dict[str, Any]:

@@ -127,6 +127,15 @@ class Store:
         self.engine = engine
         self.sessions = session_factory(engine)
         self.clock = clock
+        self._tenant_listeners: list[Callable[[str], None]] = []
+
+    def subscribe_tenants(self, listener: Callable[[str], None]) -> None:
+        """Call ``listener(tenant_id)`` after a change to that tenant's rows (cache invalidation)."""
+        self._tenant_listeners.append(listener)
+
+    def _tenant_changed(self, tenant_id: str) -> None:
+        for listener in self._tenant_listeners:
+            listener(tenant_id)
 
     @asynccontextmanager
     async def _tx(self) -> AsyncIterator[AsyncSession]:
@@ -185,6 +194,7 @@ class KeyStore(Store):
             ids = list(await s.scalars(select(ApiKey.id).where(ApiKey.tenant_id == tenant_id)))
             await s.delete(row)
         self._changed(ids)
+        self._tenant_changed(tenant_id)  # its provider credentials went too
         return True
 
     # ------------------------------------------------------------ users
