@@ -6,6 +6,7 @@ from __future__ import annotations
 import datetime as dt
 import hashlib
 import re
+import threading
 from collections.abc import Sequence
 
 import pytest
@@ -175,6 +176,7 @@ async def test_update_and_touch(store: KeyStore) -> None:
 
 
 async def test_an_unreachable_database_is_reported_as_unavailable(tmp_path: object) -> None:
+    before = set(threading.enumerate())
     for url in (f"postgresql+asyncpg://postgres@127.0.0.1:{free_port()}/nothing",
                 f"sqlite+aiosqlite:///{tmp_path}/no/such/dir/x.db"):
         engine = create_engine(url)
@@ -183,6 +185,11 @@ async def test_an_unreachable_database_is_reported_as_unavailable(tmp_path: obje
                 await KeyStore(engine).lookup_by_hash("0" * 64)
         finally:
             await engine.dispose()
+    # aiosqlite stops a connection that failed to open by posting to its thread a future
+    # nobody awaits; the thread answers on this test's loop, which must still be open then
+    # (else it raises "Event loop is closed" into whichever test runs next).
+    for thread in set(threading.enumerate()) - before:
+        thread.join(5)
 
 
 async def test_live_keys_include_a_rotated_key_in_its_grace_period(store: KeyStore) -> None:
