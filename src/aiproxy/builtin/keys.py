@@ -43,6 +43,7 @@ from aiproxy.builtin.declared_keys import parse_declared
 from aiproxy.call import Call, Principal
 from aiproxy.config import Config
 from aiproxy.errors import ProxyError
+from aiproxy.singleflight import SingleFlight
 from aiproxy.storage.db import DatabaseError
 from aiproxy.storage.keys import KeyStore
 from aiproxy.storage.models import utcnow
@@ -100,7 +101,7 @@ class VirtualKeys:
         self.cache: dict[str, tuple[float, KeyRecord]] = {}  # hash → (expiry, record)
         self.unknown: dict[str, float] = {}  # hash → expiry; apart, so garbage can't evict keys
         self._ids: dict[str, str] = {}  # key id → hash, to drop a changed key at once
-        self._pending: dict[str, asyncio.Future[KeyRecord | None]] = {}
+        self._lookup: SingleFlight[str, KeyRecord | None] = SingleFlight(self._fetch)
         self._generation = 0  # bumped by forget(): a lookup in flight must not re-cache
         self.last_used: dict[str, dt.datetime] = {}
         self._flusher: asyncio.Task[None] | None = None
@@ -164,13 +165,8 @@ class VirtualKeys:
             return entry[1]
         if self.unknown.get(digest, 0.0) > now:
             return None
-        task = self._pending.get(digest)
-        if task is None:  # concurrent misses for one key share one query
-            task = asyncio.ensure_future(self._fetch(digest))
-            self._pending[digest] = task
-            task.add_done_callback(lambda t: self._settled(digest, t))
         try:
-            return await asyncio.shield(task)  # a caller that leaves doesn't cancel the others'
+            return await self._lookup(digest)  # concurrent misses for one key share one query
         except DatabaseError:
             if entry is not None:
                 log.warning("database unavailable; key %s served from the stale cache", entry[1].id)
@@ -185,12 +181,6 @@ class VirtualKeys:
         if generation == self._generation:  # no key changed meanwhile: the answer is current
             self._remember(digest, record)
         return record
-
-    def _settled(self, digest: str, task: asyncio.Future[KeyRecord | None]) -> None:
-        if self._pending.get(digest) is task:
-            del self._pending[digest]
-        if not task.cancelled():
-            task.exception()  # retrieved here; each waiter handles it
 
     def _remember(self, digest: str, record: KeyRecord | None) -> None:
         now = self.monotonic()

@@ -13,7 +13,6 @@ or decrypted (wrong ``ENCRYPTION_KEY``), its calls get 503, never the shared key
 
 from __future__ import annotations
 
-import asyncio
 import logging
 import time
 from collections.abc import Callable
@@ -26,6 +25,7 @@ from aiproxy.builtin.keys import seconds_setting
 from aiproxy.call import Call
 from aiproxy.config import Config
 from aiproxy.errors import ProxyError
+from aiproxy.singleflight import SingleFlight
 from aiproxy.storage.credentials import CredentialStore
 from aiproxy.storage.crypto import CryptoError
 from aiproxy.storage.db import DatabaseError
@@ -41,7 +41,7 @@ class TenantKeys:
         self.monotonic = monotonic
         self.store: CredentialStore | None = None
         self.cache: dict[str, tuple[float, dict[str, str]]] = {}
-        self._pending: dict[str, asyncio.Future[dict[str, str]]] = {}
+        self._lookup: SingleFlight[str, dict[str, str]] = SingleFlight(self._fetch)
         self._generations: dict[str, int] = {}  # bumped by forget(): a lookup in flight must not re-cache
 
     @hookimpl
@@ -61,7 +61,7 @@ class TenantKeys:
     def forget(self, tenant_id: str) -> None:
         self._generations[tenant_id] = self._generations.get(tenant_id, 0) + 1
         self.cache.pop(tenant_id, None)
-        self._pending.pop(tenant_id, None)  # later callers don't join a lookup that began before
+        self._lookup.forget(tenant_id)  # later callers don't join a lookup that began before
 
     @hookimpl
     async def aiproxy_before_call(self, call: Call) -> None:
@@ -76,13 +76,8 @@ class TenantKeys:
         entry = self.cache.get(tenant_id)
         if entry is not None and entry[0] > self.monotonic():
             return entry[1]
-        task = self._pending.get(tenant_id)
-        if task is None:  # concurrent misses for one tenant share one lookup
-            task = asyncio.ensure_future(self._fetch(tenant_id))
-            self._pending[tenant_id] = task
-            task.add_done_callback(lambda t: self._settled(tenant_id, t))
         try:
-            return await asyncio.shield(task)  # a caller that leaves doesn't cancel the others'
+            return await self._lookup(tenant_id)  # concurrent misses for one tenant share one lookup
         except DatabaseError:
             if entry is not None:
                 return entry[1]  # stale beats failing while the database is away
@@ -105,12 +100,6 @@ class TenantKeys:
         if generation == self._generations.get(tenant_id, 0):  # unchanged meanwhile: current
             self.cache[tenant_id] = (self.monotonic() + self.ttl, keys)
         return keys
-
-    def _settled(self, tenant_id: str, task: asyncio.Future[dict[str, str]]) -> None:
-        if self._pending.get(tenant_id) is task:
-            del self._pending[tenant_id]
-        if not task.cancelled():
-            task.exception()  # retrieved here; each waiter handles it
 
     async def _without_cipher(self, tenant_id: str) -> dict[str, str]:
         assert self.store is not None
