@@ -16,6 +16,7 @@ from sqlalchemy import event, text
 from sqlalchemy.ext.asyncio import AsyncEngine
 
 from aiproxy.cli import main
+from aiproxy.config import Config
 from aiproxy.plugins import PluginError, build_plugin_manager
 from aiproxy.storage.credentials import CredentialStore
 from aiproxy.storage.crypto import Cipher, CryptoError, cipher_from, parse_key
@@ -75,6 +76,12 @@ async def _everything(engine: AsyncEngine) -> str:
     async with engine.connect() as conn:
         rows = (await conn.execute(text("SELECT * FROM provider_credentials"))).all()
     return "\n".join(" ".join(map(str, r)) for r in rows)
+
+
+def _byok_config(migrated_url: str, **overrides: Any) -> Config:
+    """Keys required, stored in ``migrated_url``, tenants' provider keys encrypted with NEW."""
+    return make_config(database={"url": migrated_url}, keys={"required": True},
+                       security={"encryption_key": B64(NEW).decode()}, **overrides)
 
 
 async def test_only_ciphertext_is_stored_and_it_cannot_move_rows(engine: AsyncEngine) -> None:
@@ -146,8 +153,7 @@ async def test_rotate_encryption_key_command(migrated_url: str, tmp_path: Path,
 async def test_a_tenants_calls_use_its_own_key_and_other_tenants_the_shared_one(
         gateway: Callable[..., Any], migrated_url: str, caplog: pytest.LogCaptureFixture) -> None:
     caplog.set_level(logging.DEBUG)
-    config = make_config(database={"url": migrated_url}, keys={"required": True},
-                         security={"encryption_key": B64(NEW).decode()})
+    config = _byok_config(migrated_url)
     async with gateway(config) as (http, upstream):
         app = http._transport.app  # type: ignore[attr-defined]
         store: KeyStore = app.state.key_store
@@ -177,8 +183,7 @@ async def test_a_tenants_calls_use_its_own_key_and_other_tenants_the_shared_one(
 
 async def test_a_tenant_key_that_does_not_decrypt_is_503_not_the_shared_key(
         gateway: Callable[..., Any], migrated_url: str) -> None:
-    config = make_config(database={"url": migrated_url}, keys={"required": True},
-                         security={"encryption_key": B64(NEW).decode()})
+    config = _byok_config(migrated_url)
     async with gateway(config) as (http, upstream):
         app = http._transport.app  # type: ignore[attr-defined]
         tenant = await app.state.key_store.create_tenant("a")
@@ -192,8 +197,7 @@ async def test_a_tenant_key_that_does_not_decrypt_is_503_not_the_shared_key(
 
 async def test_an_upstream_that_echoes_a_tenants_key_has_it_redacted(
         gateway: Callable[..., Any], migrated_url: str) -> None:
-    config = make_config(database={"url": migrated_url}, keys={"required": True},
-                         security={"encryption_key": B64(NEW).decode()})
+    config = _byok_config(migrated_url)
     async with gateway(config) as (http, upstream):
         app = http._transport.app  # type: ignore[attr-defined]
         tenant = await app.state.key_store.create_tenant("a")
@@ -208,8 +212,7 @@ async def test_an_upstream_that_echoes_a_tenants_key_has_it_redacted(
 
 async def test_a_tenants_key_echoed_in_a_mid_stream_error_is_redacted(
         gateway: Callable[..., Any], migrated_url: str) -> None:
-    config = make_config(database={"url": migrated_url}, keys={"required": True},
-                         security={"encryption_key": B64(NEW).decode()})
+    config = _byok_config(migrated_url)
     async with gateway(config) as (http, upstream):
         app = http._transport.app  # type: ignore[attr-defined]
         tenant = await app.state.key_store.create_tenant("a")
@@ -229,13 +232,12 @@ async def test_a_tenants_key_echoed_in_a_mid_stream_error_is_redacted(
 
 async def test_a_provider_with_no_shared_key_serves_tenants_that_bring_theirs(
         gateway: Callable[..., Any], migrated_url: str) -> None:
-    config = make_config(database={"url": migrated_url}, keys={"required": True},
-                         security={"encryption_key": B64(NEW).decode()},
-                         providers={"openai": {"plugin": "openai", "api_base": OPENAI_BASE,
-                                               "options": {"tenant_keys_only": True}},
-                                    "mock": {"plugin": "mock"}},
-                         models=[{"name": "gpt-test", "provider": "openai", "model": "gpt-4o-mini"},
-                                 {"name": "mock-*", "provider": "mock"}])
+    config = _byok_config(migrated_url,
+                          providers={"openai": {"plugin": "openai", "api_base": OPENAI_BASE,
+                                                "options": {"tenant_keys_only": True}},
+                                     "mock": {"plugin": "mock"}},
+                          models=[{"name": "gpt-test", "provider": "openai", "model": "gpt-4o-mini"},
+                                  {"name": "mock-*", "provider": "mock"}])
     async with gateway(config) as (http, upstream):
         app = http._transport.app  # type: ignore[attr-defined]
         a, b = await app.state.key_store.create_tenant("a"), await app.state.key_store.create_tenant("b")
