@@ -42,7 +42,7 @@ class Cache:
 async def test_a_cache_hit_answers_without_the_upstream(gateway):
     cfg = make_config()
     cache = Cache(hit=True)
-    async with gateway(cfg, plugin_manager=with_plugins(cfg, cache=cache)) as (http, upstream):
+    async with gateway(cfg, plugin_manager=with_plugins(cfg, test_cache=cache)) as (http, upstream):
         route = upstream.post(CHAT_URL).respond(500)
         r = await http.post("/v1/chat/completions", json=CHAT)
     assert r.status_code == 200 and r.json() == CACHED
@@ -55,7 +55,7 @@ async def test_a_cache_hit_answers_without_the_upstream(gateway):
 async def test_a_cache_hit_is_replayed_to_a_stream(gateway):
     cfg = make_config()
     cache = Cache(hit=True)
-    async with gateway(cfg, plugin_manager=with_plugins(cfg, cache=cache)) as (http, _):
+    async with gateway(cfg, plugin_manager=with_plugins(cfg, test_cache=cache)) as (http, _):
         r = await http.post("/v1/chat/completions",
                             json={**CHAT, "stream": True, "stream_options": {"include_usage": True}})
     assert r.headers["content-type"].startswith("text/event-stream")
@@ -72,7 +72,7 @@ async def test_a_cache_hit_is_replayed_to_a_stream(gateway):
 async def test_a_fresh_answer_is_offered_to_the_cache(gateway):
     cfg = make_config()
     cache = Cache(hit=False)
-    async with gateway(cfg, plugin_manager=with_plugins(cfg, cache=cache)) as (http, upstream):
+    async with gateway(cfg, plugin_manager=with_plugins(cfg, test_cache=cache)) as (http, upstream):
         upstream.post(CHAT_URL).respond(200, json=CACHED)
         r = await http.post("/v1/chat/completions", json=CHAT)
     assert r.status_code == 200

@@ -120,6 +120,10 @@ class Call:
     response: dict[str, Any] | None = None  # the final OpenAI-shaped answer (non-stream)
     error: ProxyError | None = None
     cached: bool = False
+    cost: float | None = None  # USD, set by the cost stage in after-call (0 for a cache hit)
+    # a stage that needs a stream's whole answer (the cache, to store it) sets this in
+    # before-call or cache-lookup; the gateway then assembles call.response at the end
+    collect: bool = False
     started: float = field(default_factory=time.perf_counter)
     first_byte: float | None = None  # perf_counter() when the first stream chunk went out
     finished: float | None = None

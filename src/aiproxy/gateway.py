@@ -16,9 +16,10 @@ from typing import TYPE_CHECKING, Any
 import anyio
 from starlette.responses import Response
 
-from aiproxy import sse, wire
+from aiproxy import sse, tokens, wire
 from aiproxy.call import Call, Egress, Principal, Usage
 from aiproxy.errors import ProxyError
+from aiproxy.provider import Reply
 
 if TYPE_CHECKING:
     from starlette.requests import Request
@@ -26,7 +27,6 @@ if TYPE_CHECKING:
 
     from aiproxy.config import Config
     from aiproxy.hooks import Hooks
-    from aiproxy.provider import Reply
     from aiproxy.router import Router
 
 log = logging.getLogger("aiproxy.gateway")
@@ -196,12 +196,17 @@ class Gateway:
 
     async def _relay(self, call: Call, first: bytes | None,
                      events: AsyncIterator[bytes]) -> AsyncIterator[bytes]:
+        sent: list[bytes] = []  # what went out, to assemble or size the answer at the end
+        complete = False
         try:
             if first is not None:
                 call.first_byte = time.perf_counter()
+                sent.append(first)
                 yield first
                 async for chunk in events:
+                    sent.append(chunk)
                     yield chunk
+            complete = True
             yield sse.DONE
         except ProxyError as exc:
             call.error = exc
@@ -222,10 +227,31 @@ class Gateway:
                         await aclose()  # closes the upstream response: cancels it if unfinished
                     except Exception:
                         log.exception("closing the upstream stream of %s failed", call.request_id)
+                await self._settle_stream(call, sent, complete)
                 if call.error is not None:
                     await self._quietly("aiproxy_on_error", call=call, error=call.error)
                 else:
                     await self._quietly("aiproxy_after_call", call=call)
+
+    async def _settle_stream(self, call: Call, sent: list[bytes], complete: bool) -> None:
+        """After a stream: its whole answer for the stages that asked (and the cache), and
+        an estimate of its usage when the upstream never said (cut short, or silent)."""
+        try:
+            if call.response is None and (call.collect or call.usage is None) and sent:
+                call.response = wire.assemble(sent)
+                if call.response is not None and call.usage is not None and "usage" not in call.response:
+                    call.response["usage"] = call.usage.to_openai()
+            if call.usage is None and not call.cached:
+                model = call.upstream_model or call.model
+                prompt = tokens.prompt(call.body, model)
+                produced = tokens.completion(call.response, model)
+                call.usage = Usage(prompt, produced, prompt + produced)
+                call.metadata["usage_estimated"] = True
+            if complete and call.collect and not call.cached and call.error is None \
+                    and call.response is not None:
+                await self._quietly("aiproxy_cache_store", call=call, reply=Reply(call.response))
+        except Exception:
+            log.exception("settling the stream of %s failed", call.request_id)
 
     # ------------------------------------------------------------ errors
     async def fail(self, call: Call, exc: ProxyError) -> Response:

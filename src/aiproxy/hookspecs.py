@@ -84,7 +84,8 @@ def aiproxy_cache_lookup(call: Call, settings: dict[str, Any]) -> Reply | None:
     """After before-call, instead of the upstream: return a cached Reply, or None.
 
     The first Reply wins and the upstream is not called; a streaming call gets it
-    replayed as SSE. May be async.
+    replayed as SSE. On a miss, set ``call.collect = True`` to have a stream's answer
+    assembled and handed to cache-store when it completes. May be async.
     """
 
 
@@ -114,6 +115,16 @@ def aiproxy_on_error(call: Call, error: ProxyError, settings: dict[str, Any]) ->
 
     For logging and metrics; it cannot change the answer. Every implementation runs.
     May be async.
+    """
+
+
+@hookspec
+def aiproxy_stats(config: Config, settings: dict[str, Any]) -> dict[str, float] | None:
+    """For ``/metrics``: this plugin's own counters and gauges in this process, name → value.
+
+    Names are Prometheus names (``aiproxy_limits_backend_errors_total``); one ending in
+    ``_total`` is a counter, any other a gauge. Sync, in memory, cheap: it may be asked
+    every second.
     """
 
 

@@ -27,6 +27,16 @@ log = logging.getLogger("aiproxy.plugins")
 BUILTINS = {
     # pluggy calls the last registered first: "auth" (the master key) is asked before
     # "keys" (virtual keys), and "database" starts before "keys" and stops after it.
+    # The stages: before-call runs quotas then limits (a refused quota takes no rate
+    # slot); after-call runs cost first (quotas' budgets and the usage log read
+    # call.cost), then quotas, limits, usage, metrics last. "usage" starts after
+    # "database" and stops (flushes) before it.
+    "metrics": "aiproxy.builtin.metrics",
+    "usage": "aiproxy.builtin.usage",
+    "limits": "aiproxy.builtin.limits",
+    "quotas": "aiproxy.builtin.quotas",
+    "cost": "aiproxy.builtin.cost",
+    "cache": "aiproxy.builtin.cache",
     "tenant_keys": "aiproxy.builtin.tenant_keys",
     "keys": "aiproxy.builtin.keys",
     "database": "aiproxy.builtin.database",

@@ -145,3 +145,93 @@ def tool_arguments(raw: Any, where: str) -> dict[str, Any]:
     if not isinstance(value, dict):
         raise invalid(f"'{where}' must be a JSON object encoded as a string", where)
     return value
+
+
+def assemble(events: Sequence[bytes]) -> dict[str, Any] | None:
+    """The whole answer a stream of OpenAI SSE events adds up to (the inverse of
+    :func:`replay_chunks`): content, refusal and tool calls joined per choice, the last
+    finish reason, and the usage chunk's usage. None when no event held a chunk.
+
+    ``events`` are the gateway's outgoing events (``data: {...}\\n\\n``); ``[DONE]`` and
+    anything that is not a JSON object are skipped.
+    """
+    head: dict[str, Any] | None = None
+    text_mode = False
+    choices: dict[int, dict[str, Any]] = {}
+    usage: Any = None
+    for raw in events:
+        data = raw[6:] if raw.startswith(b"data: ") else raw
+        if data.startswith(b"[DONE]"):
+            continue
+        try:
+            chunk = orjson.loads(data)
+        except orjson.JSONDecodeError:
+            continue
+        if not isinstance(chunk, dict):
+            continue
+        if head is None:
+            head = chunk
+            text_mode = chunk.get("object") == "text_completion"
+        if chunk.get("usage") is not None:
+            usage = chunk["usage"]
+        for choice in chunk.get("choices") or []:
+            if isinstance(choice, dict):
+                _merge_choice(choices, choice, text_mode)
+    if head is None:
+        return None
+    out: dict[str, Any] = {"id": head.get("id"), "object": "text_completion" if text_mode else "chat.completion",
+                           "created": head.get("created", 0), "model": head.get("model", "")}
+    out["choices"] = [_finish_choice(c, text_mode) for _, c in sorted(choices.items())]
+    if usage is not None:
+        out["usage"] = usage
+    return out
+
+
+def _merge_choice(choices: dict[int, dict[str, Any]], choice: dict[str, Any], text_mode: bool) -> None:
+    index = choice.get("index", 0) if type(choice.get("index", 0)) is int else 0
+    acc = choices.setdefault(index, {"index": index, "parts": [], "refusal": [], "tools": {},
+                                     "role": "assistant", "finish_reason": None})
+    if choice.get("finish_reason") is not None:
+        acc["finish_reason"] = choice["finish_reason"]
+    if text_mode:
+        if isinstance(choice.get("text"), str):
+            acc["parts"].append(choice["text"])
+        return
+    delta = choice.get("delta")
+    if not isinstance(delta, dict):
+        return
+    if isinstance(delta.get("role"), str):
+        acc["role"] = delta["role"]
+    if isinstance(delta.get("content"), str):
+        acc["parts"].append(delta["content"])
+    if isinstance(delta.get("refusal"), str):
+        acc["refusal"].append(delta["refusal"])
+    for call in delta.get("tool_calls") or []:
+        if not isinstance(call, dict):
+            continue
+        slot = call.get("index", len(acc["tools"]))
+        tool = acc["tools"].setdefault(slot, {"id": None, "type": "function", "name": [], "arguments": []})
+        if call.get("id"):
+            tool["id"] = call["id"]
+        function = call.get("function")
+        if isinstance(function, dict):
+            if isinstance(function.get("name"), str):
+                tool["name"].append(function["name"])
+            if isinstance(function.get("arguments"), str):
+                tool["arguments"].append(function["arguments"])
+
+
+def _finish_choice(acc: dict[str, Any], text_mode: bool) -> dict[str, Any]:
+    if text_mode:
+        return {"index": acc["index"], "text": "".join(acc["parts"]), "logprobs": None,
+                "finish_reason": acc["finish_reason"]}
+    message: dict[str, Any] = {"role": acc["role"],
+                               "content": "".join(acc["parts"]) if acc["parts"] or not acc["tools"] else None}
+    if acc["refusal"]:
+        message["refusal"] = "".join(acc["refusal"])
+    if acc["tools"]:
+        message["tool_calls"] = [
+            {"id": t["id"], "type": "function",
+             "function": {"name": "".join(t["name"]), "arguments": "".join(t["arguments"])}}
+            for _, t in sorted(acc["tools"].items())]
+    return {"index": acc["index"], "message": message, "logprobs": None, "finish_reason": acc["finish_reason"]}

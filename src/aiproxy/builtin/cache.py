@@ -1,0 +1,1 @@
+"""The cache stage (being built; no hooks yet)."""

@@ -1,0 +1,1 @@
+"""The limits stage (being built; no hooks yet)."""

@@ -1,0 +1,1 @@
+"""The metrics stage (being built; no hooks yet)."""

@@ -1,0 +1,1 @@
+"""The quotas stage (being built; no hooks yet)."""

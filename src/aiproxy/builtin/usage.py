@@ -1,0 +1,1 @@
+"""The usage stage (being built; no hooks yet)."""

@@ -1,0 +1,118 @@
+"""A TCP forwarder on 127.0.0.1 in front of a real server (Redis, PostgreSQL), so a test
+can take that server away mid-run and bring it back without stopping the shared one.
+
+    with TcpProxy(6379) as proxy:          # forwards 127.0.0.1:<proxy.port> → :6379
+        url = f"redis://127.0.0.1:{proxy.port}/15"
+        ...
+        proxy.cut()        # open connections are reset; new ones are refused
+        proxy.restore()    # new connections are forwarded again (same port)
+
+Threads, not asyncio: it serves any test, sync or async, whatever loop runs it.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import socket
+import threading
+from types import TracebackType
+from urllib.parse import urlsplit
+
+
+class TcpProxy:
+    def __init__(self, target_port: int, target_host: str = "127.0.0.1") -> None:
+        self.target = (target_host, target_port)
+        self._lock = threading.Lock()
+        self._conns: list[socket.socket] = []
+        self._listener: socket.socket | None = None
+        self.port = 0
+        self.accepted = 0  # connections forwarded so far
+        self._listen()
+
+    @classmethod
+    def for_url(cls, url: str) -> TcpProxy:
+        """A proxy for the host and port of ``url`` (redis://…, postgresql+asyncpg://…)."""
+        parts = urlsplit(url)
+        return cls(parts.port or 0, parts.hostname or "127.0.0.1")
+
+    def url(self, original: str) -> str:
+        """``original`` with its port replaced by this proxy's."""
+        parts = urlsplit(original)
+        netloc = parts.netloc.rsplit("@", 1)
+        host = f"127.0.0.1:{self.port}"
+        netloc_new = f"{netloc[0]}@{host}" if len(netloc) == 2 else host
+        return parts._replace(netloc=netloc_new).geturl()
+
+    # ------------------------------------------------------------ control
+    def cut(self) -> None:
+        """Reset every open connection and refuse new ones until :meth:`restore`."""
+        with self._lock:
+            listener, self._listener = self._listener, None
+            conns, self._conns = self._conns, []
+        if listener is not None:
+            with contextlib.suppress(OSError):
+                listener.close()
+        for conn in conns:
+            with contextlib.suppress(OSError):
+                conn.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, b"\x01\x00\x00\x00\x00\x00\x00\x00")
+                conn.close()
+
+    def restore(self) -> None:
+        """Forward new connections again, on the same port."""
+        if self._listener is None:
+            self._listen(self.port)
+
+    def close(self) -> None:
+        self.cut()
+
+    def __enter__(self) -> TcpProxy:
+        return self
+
+    def __exit__(self, kind: type[BaseException] | None, exc: BaseException | None,
+                 tb: TracebackType | None) -> None:
+        self.close()
+
+    # ------------------------------------------------------------ plumbing
+    def _listen(self, port: int = 0) -> None:
+        listener = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+        listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        listener.bind(("127.0.0.1", port))
+        listener.listen(128)
+        self.port = listener.getsockname()[1]
+        with self._lock:
+            self._listener = listener
+        threading.Thread(target=self._accept, args=(listener,), daemon=True).start()
+
+    def _accept(self, listener: socket.socket) -> None:
+        while True:
+            try:
+                client, _ = listener.accept()
+            except OSError:
+                return  # closed by cut()
+            try:
+                upstream = socket.create_connection(self.target, timeout=5)
+                upstream.settimeout(None)
+            except OSError:
+                client.close()
+                continue
+            with self._lock:
+                if self._listener is not listener:
+                    client.close()
+                    upstream.close()
+                    return
+                self._conns += [client, upstream]
+                self.accepted += 1
+            for src, dst in ((client, upstream), (upstream, client)):
+                threading.Thread(target=self._pump, args=(src, dst), daemon=True).start()
+
+    @staticmethod
+    def _pump(src: socket.socket, dst: socket.socket) -> None:
+        try:
+            while data := src.recv(65536):
+                dst.sendall(data)
+        except OSError:
+            pass
+        finally:
+            for s in (src, dst):
+                with contextlib.suppress(OSError):
+                    s.shutdown(socket.SHUT_RDWR)
