@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import contextlib
 import socket
+import struct
 import threading
 from types import TracebackType
 from urllib.parse import urlsplit
@@ -45,17 +46,20 @@ class TcpProxy:
 
     # ------------------------------------------------------------ control
     def cut(self) -> None:
-        """Reset every open connection and refuse new ones until :meth:`restore`."""
+        """Reset every open connection and refuse new ones until :meth:`restore`.
+
+        Closing a socket does not wake a thread blocked on it (Linux): the listener would
+        go on accepting and each connection stay open to the server, its pump blocked in
+        recv. So each is shut down first, which wakes it, then closed; with SO_LINGER 0 the
+        close is a reset.
+        """
         with self._lock:
             listener, self._listener = self._listener, None
             conns, self._conns = self._conns, []
         if listener is not None:
-            with contextlib.suppress(OSError):
-                listener.close()
+            _kill(listener)
         for conn in conns:
-            with contextlib.suppress(OSError):
-                conn.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, b"\x01\x00\x00\x00\x00\x00\x00\x00")
-                conn.close()
+            _kill(conn, reset=True)
 
     def restore(self) -> None:
         """Forward new connections again, on the same port."""
@@ -81,7 +85,8 @@ class TcpProxy:
         self.port = listener.getsockname()[1]
         with self._lock:
             self._listener = listener
-        threading.Thread(target=self._accept, args=(listener,), daemon=True).start()
+        threading.Thread(target=self._accept, args=(listener,), daemon=True,
+                         name=f"tcp-proxy-{self.port}-accept").start()
 
     def _accept(self, listener: socket.socket) -> None:
         while True:
@@ -102,17 +107,45 @@ class TcpProxy:
                     return
                 self._conns += [client, upstream]
                 self.accepted += 1
+            pair = _Pair()
             for src, dst in ((client, upstream), (upstream, client)):
-                threading.Thread(target=self._pump, args=(src, dst), daemon=True).start()
+                threading.Thread(target=self._pump, args=(pair, src, dst), daemon=True,
+                                 name=f"tcp-proxy-{self.port}-pump").start()
 
-    @staticmethod
-    def _pump(src: socket.socket, dst: socket.socket) -> None:
+    def _pump(self, pair: _Pair, src: socket.socket, dst: socket.socket) -> None:
         try:
             while data := src.recv(65536):
                 dst.sendall(data)
         except OSError:
             pass
         finally:
-            for s in (src, dst):
+            for s in (src, dst):  # wakes the other pump of this pair
                 with contextlib.suppress(OSError):
                     s.shutdown(socket.SHUT_RDWR)
+            if pair.done():  # the second pump to end closes both, so no socket is left open
+                with self._lock:
+                    self._conns = [c for c in self._conns if c is not src and c is not dst]
+                for s in (src, dst):
+                    s.close()
+
+
+class _Pair:
+    """One forwarded connection: its two pumps count down to closing its sockets."""
+
+    def __init__(self) -> None:
+        self._left = 2
+        self._lock = threading.Lock()
+
+    def done(self) -> bool:
+        with self._lock:
+            self._left -= 1
+            return self._left == 0
+
+
+def _kill(sock: socket.socket, reset: bool = False) -> None:
+    """Shut ``sock`` down (waking a thread blocked on it) and close it; a reset if asked."""
+    with contextlib.suppress(OSError):
+        if reset:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+        sock.shutdown(socket.SHUT_RDWR)
+    sock.close()
