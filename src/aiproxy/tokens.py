@@ -18,7 +18,7 @@ import hashlib
 import logging
 import os
 import tempfile
-from functools import lru_cache
+from functools import cache, lru_cache
 from typing import Any
 
 log = logging.getLogger("aiproxy.tokens")
@@ -26,6 +26,18 @@ log = logging.getLogger("aiproxy.tokens")
 PER_MESSAGE = 3  # OpenAI's chat framing: <|start|>{role}\n{content}<|end|>
 REPLY_PRIMING = 3
 _BLOB = "https://openaipublic.blob.core.windows.net/encodings/{}.tiktoken"
+#: encoding → (the file it is built from, that file's sha256 as tiktoken pins it). tiktoken
+#: deletes a cached file whose hash is wrong and downloads it again, so the hash is checked
+#: here first and tiktoken is only ever handed a file it will accept. An encoding not
+#: listed (gpt2's data-gym files, one a newer tiktoken adds) is approximated.
+ENCODING_FILES = {
+    "r50k_base": ("r50k_base", "306cd27f03c1a714eca7108e03d66b7dc042abe8c258b44c199a7ed9838dd930"),
+    "p50k_base": ("p50k_base", "94b5ca7dff4d00767bc256fdd1b27e5b17361d7b8a5f968547f9f23eb70d2069"),
+    "p50k_edit": ("p50k_base", "94b5ca7dff4d00767bc256fdd1b27e5b17361d7b8a5f968547f9f23eb70d2069"),
+    "cl100k_base": ("cl100k_base", "223921b76ee99bde995b7ff738513eef100fb51d18c93597a113bcffe865b2a7"),
+    "o200k_base": ("o200k_base", "446a9538cb6c348e3516120d7c08b09f57c36495e2acfffe59a5bf8b0cfb1a2d"),
+    "o200k_harmony": ("o200k_base", "446a9538cb6c348e3516120d7c08b09f57c36495e2acfffe59a5bf8b0cfb1a2d"),
+}
 
 
 def approximate(text: str) -> int:
@@ -37,8 +49,20 @@ def approximate(text: str) -> int:
 
 
 def _cache_dir() -> str:
-    return (os.environ.get("TIKTOKEN_CACHE_DIR") or os.environ.get("DATA_GYM_CACHE_DIR")
-            or os.path.join(tempfile.gettempdir(), "data-gym-cache"))
+    """The folder tiktoken reads, chosen as tiktoken chooses it ("": tiktoken caches nothing)."""
+    for name in ("TIKTOKEN_CACHE_DIR", "DATA_GYM_CACHE_DIR"):
+        if name in os.environ:
+            return os.environ[name]
+    return os.path.join(tempfile.gettempdir(), "data-gym-cache")
+
+
+def cache_path(encoding: str) -> str | None:
+    """Where tiktoken looks for the file of ``encoding``; None when it would not look (an
+    encoding not supported offline, or caching turned off: tiktoken would download)."""
+    known = ENCODING_FILES.get(encoding)
+    if known is None or not _cache_dir():
+        return None
+    return os.path.join(_cache_dir(), hashlib.sha1(_BLOB.format(known[0]).encode()).hexdigest())
 
 
 @lru_cache(maxsize=64)
@@ -53,18 +77,32 @@ def _encoder(model: str) -> Any | None:
         name = tiktoken.model.encoding_name_for_model(model)
     except KeyError:
         return None
-    cached = os.path.join(_cache_dir(), hashlib.sha1(_BLOB.format(name).encode()).hexdigest())
-    if not os.path.exists(cached):
+    path = cache_path(name)
+    if path is None:
         _say_once(name)
         return None
     try:
+        with open(path, "rb") as f:
+            data = f.read()
+    except FileNotFoundError:
+        _say_once(name)
+        return None
+    except OSError as exc:
+        log.warning("tokens: the tiktoken file %s of %s cannot be read (%s); approximating",
+                    path, name, exc.strerror)
+        return None
+    if hashlib.sha256(data).hexdigest() != ENCODING_FILES[name][1]:
+        log.warning("tokens: the tiktoken file %s of %s is damaged (its sha256 is not the "
+                    "published one); approximating", path, name)
+        return None
+    try:
         return tiktoken.get_encoding(name)
-    except Exception:  # a damaged cache file: approximate rather than fail calls
+    except Exception:  # pragma: no cover - a verified file that tiktoken still refuses
         log.warning("tokens: the tiktoken encoding %s could not be loaded; approximating", name)
         return None
 
 
-@lru_cache(maxsize=None)
+@cache
 def _say_once(name: str) -> None:
     log.info("tokens: tiktoken's %s file is not in %s; counting by approximation "
              "(set TIKTOKEN_CACHE_DIR to a folder holding it for exact counts)", name, _cache_dir())
