@@ -153,10 +153,14 @@ def assemble(events: Sequence[bytes]) -> dict[str, Any] | None:
     finish reason, and the usage chunk's usage. None when no event held a chunk.
 
     ``events`` are the gateway's outgoing events (``data: {...}\\n\\n``); ``[DONE]`` and
-    anything that is not a JSON object are skipped.
+    anything that is not a JSON object are skipped. The answer is shaped as a whole one
+    is: ``content`` is null beside tool calls or a refusal unless there was text, and
+    ``refusal`` is always there. ``id``, ``model`` and ``created`` are the first non-empty
+    ones (Azure leads with a chunk of empty ones holding its prompt filter results).
     """
-    head: dict[str, Any] | None = None
-    text_mode = False
+    first: dict[str, Any] | None = None
+    head: dict[str, Any] = {}
+    text_mode: bool | None = None
     choices: dict[int, dict[str, Any]] = {}
     usage: Any = None
     for raw in events:
@@ -169,19 +173,25 @@ def assemble(events: Sequence[bytes]) -> dict[str, Any] | None:
             continue
         if not isinstance(chunk, dict):
             continue
-        if head is None:
-            head = chunk
-            text_mode = chunk.get("object") == "text_completion"
+        if first is None:
+            first = chunk
+        for key in ("id", "created", "model"):
+            if key not in head and chunk.get(key):
+                head[key] = chunk[key]
+        if text_mode is None and chunk.get("object"):
+            text_mode = chunk["object"] == "text_completion"
         if chunk.get("usage") is not None:
             usage = chunk["usage"]
-        for choice in chunk.get("choices") or []:
+        listed = chunk.get("choices")
+        for choice in listed if isinstance(listed, list) else ():
             if isinstance(choice, dict):
-                _merge_choice(choices, choice, text_mode)
-    if head is None:
+                _merge_choice(choices, choice, bool(text_mode))
+    if first is None:
         return None
-    out: dict[str, Any] = {"id": head.get("id"), "object": "text_completion" if text_mode else "chat.completion",
+    out: dict[str, Any] = {"id": head.get("id", first.get("id")),
+                           "object": "text_completion" if text_mode else "chat.completion",
                            "created": head.get("created", 0), "model": head.get("model", "")}
-    out["choices"] = [_finish_choice(c, text_mode) for _, c in sorted(choices.items())]
+    out["choices"] = [_finish_choice(c, bool(text_mode)) for _, c in sorted(choices.items())]
     if usage is not None:
         out["usage"] = usage
     return out
@@ -190,7 +200,7 @@ def assemble(events: Sequence[bytes]) -> dict[str, Any] | None:
 def _merge_choice(choices: dict[int, dict[str, Any]], choice: dict[str, Any], text_mode: bool) -> None:
     index = choice.get("index", 0) if type(choice.get("index", 0)) is int else 0
     acc = choices.setdefault(index, {"index": index, "parts": [], "refusal": [], "tools": {},
-                                     "role": "assistant", "finish_reason": None})
+                                     "role": "assistant", "finish_reason": None, "last_tool": 0})
     if choice.get("finish_reason") is not None:
         acc["finish_reason"] = choice["finish_reason"]
     if text_mode:
@@ -206,10 +216,11 @@ def _merge_choice(choices: dict[int, dict[str, Any]], choice: dict[str, Any], te
         acc["parts"].append(delta["content"])
     if isinstance(delta.get("refusal"), str):
         acc["refusal"].append(delta["refusal"])
-    for call in delta.get("tool_calls") or []:
+    calls = delta.get("tool_calls")
+    for call in calls if isinstance(calls, list) else ():
         if not isinstance(call, dict):
             continue
-        slot = call.get("index", len(acc["tools"]))
+        slot = acc["last_tool"] = _tool_slot(acc, call)
         tool = acc["tools"].setdefault(slot, {"id": None, "type": "function", "name": [], "arguments": []})
         if call.get("id"):
             tool["id"] = call["id"]
@@ -221,17 +232,35 @@ def _merge_choice(choices: dict[int, dict[str, Any]], choice: dict[str, Any], te
                 tool["arguments"].append(function["arguments"])
 
 
+def _tool_slot(acc: dict[str, Any], call: dict[str, Any]) -> int:
+    """Which tool call a fragment belongs to: its index; without one (some OpenAI-compatible
+    servers), the call with its id, a new call for a new id, else the call before it."""
+    index = call.get("index")
+    if type(index) is int:
+        return index
+    tools: dict[int, dict[str, Any]] = acc["tools"]
+    cid = call.get("id")
+    if cid:
+        for slot, tool in tools.items():
+            if tool["id"] == cid:
+                return slot
+        return max(tools, default=-1) + 1
+    return int(acc["last_tool"])
+
+
 def _finish_choice(acc: dict[str, Any], text_mode: bool) -> dict[str, Any]:
     if text_mode:
         return {"index": acc["index"], "text": "".join(acc["parts"]), "logprobs": None,
                 "finish_reason": acc["finish_reason"]}
-    message: dict[str, Any] = {"role": acc["role"],
-                               "content": "".join(acc["parts"]) if acc["parts"] or not acc["tools"] else None}
-    if acc["refusal"]:
-        message["refusal"] = "".join(acc["refusal"])
+    text, refusal = "".join(acc["parts"]), "".join(acc["refusal"])
+    message: dict[str, Any] = {
+        "role": acc["role"],
+        "content": text if text or (acc["parts"] and not acc["tools"] and not refusal) else None,
+        "refusal": refusal or None}
     if acc["tools"]:
         message["tool_calls"] = [
             {"id": t["id"], "type": "function",
              "function": {"name": "".join(t["name"]), "arguments": "".join(t["arguments"])}}
             for _, t in sorted(acc["tools"].items())]
-    return {"index": acc["index"], "message": message, "logprobs": None, "finish_reason": acc["finish_reason"]}
+    return {"index": acc["index"], "message": message, "logprobs": None,
+            "finish_reason": acc["finish_reason"]}
