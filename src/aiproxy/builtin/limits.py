@@ -1,1 +1,0 @@
-"""The limits stage (being built; no hooks yet)."""

@@ -1,0 +1,130 @@
+"""GCRA (the generic cell rate algorithm) with a cost, in process; and the answer's headers.
+
+A limit of ``limit`` units per ``window`` seconds has an emission interval
+``T = window / limit``. Its whole state is one number, the theoretical arrival time
+``tat``. Taking ``n`` units at ``now``::
+
+    tat' = max(tat, now) + n * T        admitted iff tat' - now <= window
+
+so a full bucket lets ``limit`` through at once, and capacity then comes back one unit
+every ``T`` seconds: a sliding window, never twice the limit across a boundary as
+fixed windows allow. Settling a reservation later adds ``delta * T`` (negative: a
+refund). One call's limits (key, user, tenant, model; requests and tokens) are taken
+all or nothing: if any refuses, none is charged.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+
+Clock = Callable[[], float]
+EPSILON = 1e-6  # seconds: float slack, so exactly `limit` units fit in one window
+
+
+@dataclass(frozen=True, slots=True)
+class Rule:
+    """One limit one call touches."""
+
+    key: str  # the counter: "<prefix>limits:key:<id>:r"
+    kind: str  # "requests" or "tokens"
+    limit: int  # units per window
+    window: float  # seconds
+    cost: int  # units this call takes
+    label: str  # who, for messages: "key 'k1' (tier free)"
+
+    @property
+    def period(self) -> float:
+        return self.window / self.limit
+
+
+@dataclass(slots=True)
+class Verdict:
+    """The outcome of a take: ``ahead[i]`` is ``tat - now`` of rule ``i`` (after the take
+    if admitted, as it stands if refused); ``wait`` the seconds until it would be admitted."""
+
+    admitted: bool
+    ahead: list[float]
+    failed: int = -1  # the rule that refused (the one needing the longest wait)
+    wait: float = 0.0
+
+
+class LocalStore:
+    """GCRA state in this process: counter → tat. Atomic because the event loop is."""
+
+    def __init__(self, clock: Clock = time.monotonic, sweep_at: int = 100_000) -> None:
+        self.clock = clock
+        self.tats: dict[str, float] = {}
+        self._base_sweep = self._sweep_at = sweep_at
+
+    def take(self, rules: Sequence[Rule]) -> Verdict:
+        now = self.clock()
+        tats = self.tats
+        before = [max(tats.get(r.key, now), now) for r in rules]
+        failed, wait = -1, 0.0
+        for i, rule in enumerate(rules):
+            over = before[i] + rule.cost * rule.period - now - rule.window
+            if over > EPSILON and over > wait:
+                failed, wait = i, over
+        if failed >= 0:
+            return Verdict(False, [b - now for b in before], failed, wait)
+        after = []
+        for rule, tat in zip(rules, before, strict=True):
+            tat += rule.cost * rule.period
+            tats[rule.key] = tat
+            after.append(tat - now)
+        if len(tats) > self._sweep_at:
+            self._sweep(now)
+        return Verdict(True, after)
+
+    def settle(self, rules: Sequence[Rule], delta: int) -> None:
+        """Add ``delta`` units to each rule's counter (negative: give them back)."""
+        for rule in rules:
+            tat = self.tats.get(rule.key)
+            if tat is not None:
+                self.tats[rule.key] = tat + delta * rule.period
+
+    def _sweep(self, now: float) -> None:
+        """Forget counters that are back to full (tat in the past): they hold nothing."""
+        for key in [k for k, tat in self.tats.items() if tat <= now]:
+            del self.tats[key]
+        self._sweep_at = max(self._base_sweep, 2 * len(self.tats))
+
+
+def remaining(rule: Rule, ahead: float) -> int:
+    """Units that could be taken now, given ``tat - now``."""
+    return max(0, math.floor((rule.window - ahead) / rule.period + EPSILON))
+
+
+def duration(seconds: float) -> str:
+    """A duration as OpenAI's headers write it: "120ms", "1s", "1.5s", "6m0s", "1h0m0s"."""
+    ms = max(0, math.ceil(seconds * 1000 - 1e-6))
+    if ms < 1000:
+        return f"{ms}ms"
+    hours, rest = divmod(ms, 3_600_000)
+    minutes, rest = divmod(rest, 60_000)
+    secs = f"{rest // 1000}" if rest % 1000 == 0 else f"{rest / 1000:.3f}".rstrip("0")
+    if hours:
+        return f"{hours}h{minutes}m{secs}s"
+    if minutes:
+        return f"{minutes}m{secs}s"
+    return f"{secs}s"
+
+
+def headers(rules: Sequence[Rule], ahead: Sequence[float]) -> dict[str, str]:
+    """``x-ratelimit-{limit,remaining,reset}-{requests,tokens}`` of the tightest limit of
+    each kind: the one with the fewest units left (on a tie, the one resetting last)."""
+    best: dict[str, tuple[int, float, Rule]] = {}
+    for rule, left in zip(rules, ahead, strict=True):
+        room = remaining(rule, left)
+        seen = best.get(rule.kind)
+        if seen is None or room < seen[0] or (room == seen[0] and left > seen[1]):
+            best[rule.kind] = (room, left, rule)
+    out = {}
+    for kind, (room, left, rule) in best.items():
+        out[f"x-ratelimit-limit-{kind}"] = str(rule.limit)
+        out[f"x-ratelimit-remaining-{kind}"] = str(room)
+        out[f"x-ratelimit-reset-{kind}"] = duration(max(0.0, left))
+    return out

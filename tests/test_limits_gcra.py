@@ -1,0 +1,183 @@
+"""GCRA in process with a fake clock, the headers it writes, and the ``limits:`` settings."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import pytest
+
+from aiproxy.app import create_app
+from aiproxy.builtin.limits.gcra import LocalStore, Rule, duration, headers, remaining
+from aiproxy.builtin.limits.settings import Rate, key_override, parse_settings
+from aiproxy.config import ConfigError
+from aiproxy.plugins import PluginError
+from tests.conftest import make_config
+
+
+class Clock:
+    def __init__(self) -> None:
+        self.now = 1000.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+def rule(key: str = "k", limit: int = 4, window: float = 60.0, cost: int = 1, kind: str = "requests") -> Rule:
+    return Rule(key, kind, limit, window, cost, f"key '{key}'")
+
+
+def admitted(store: LocalStore, rules: list[Rule], times: int) -> int:
+    return sum(store.take(rules).admitted for _ in range(times))
+
+
+def test_a_full_bucket_admits_exactly_the_limit_then_capacity_returns_one_by_one() -> None:
+    clock = Clock()
+    store = LocalStore(clock)
+    r = rule(limit=4, window=60)
+    assert admitted(store, [r], 10) == 4
+    refused = store.take([r])
+    assert not refused.admitted and refused.wait == pytest.approx(15)  # T = 60 / 4
+    clock.now += 14.9
+    assert admitted(store, [r], 3) == 0
+    clock.now += 0.1
+    assert admitted(store, [r], 3) == 1  # one unit back every 15 s, not the whole window
+    clock.now += 30
+    assert admitted(store, [r], 3) == 2
+
+
+def test_no_twice_the_limit_across_a_window_boundary() -> None:
+    clock = Clock()
+    store = LocalStore(clock)
+    r = rule(limit=10, window=60)
+    clock.now += 59.9  # a fixed window would reset at +60: 10 before and 10 after
+    assert admitted(store, [r], 10) == 10
+    clock.now += 0.2
+    assert admitted(store, [r], 10) == 0
+    clock.now += 60  # a whole window after the burst: full again, and no more than full
+    assert admitted(store, [r], 20) == 10
+
+
+def test_an_odd_limit_admits_exactly_its_number_despite_float_division() -> None:
+    store = LocalStore(Clock())
+    for limit in (3, 7, 9, 13, 1000):
+        assert admitted(store, [rule(f"k{limit}", limit=limit, window=3600)], limit + 5) == limit
+
+
+def test_one_call_takes_from_all_its_limits_or_from_none() -> None:
+    store = LocalStore(Clock())
+    key, model = rule("key", limit=5), rule("model", limit=2)
+    assert admitted(store, [key, model], 5) == 2
+    assert store.take([key]).admitted  # the key was charged only for the two admitted calls
+    assert admitted(store, [key], 5) == 2
+    verdict = store.take([key, model])
+    assert not verdict.admitted and verdict.failed in (0, 1)
+
+
+def test_a_refusal_names_the_limit_needing_the_longest_wait() -> None:
+    store = LocalStore(Clock())
+    short, long = rule("short", limit=2, window=10), rule("long", limit=2, window=100)
+    assert admitted(store, [short, long], 2) == 2
+    verdict = store.take([short, long])
+    assert verdict.failed == 1 and verdict.wait == pytest.approx(50)
+
+
+def test_settling_gives_back_or_charges_tokens() -> None:
+    clock = Clock()
+    store = LocalStore(clock)
+    tpm = rule("t", limit=1000, window=60, cost=600, kind="tokens")
+    verdict = store.take([tpm])
+    assert remaining(tpm, verdict.ahead[0]) == 400
+    assert not store.take([tpm]).admitted
+    store.settle([tpm], 100 - 600)  # it used 100 of the 600 it reserved
+    assert remaining(tpm, store.tats["t"] - clock.now) == 900
+    assert store.take([tpm]).admitted
+    store.settle([tpm], 300)  # used more than reserved: charged afterwards
+    assert remaining(tpm, store.tats["t"] - clock.now) == 0
+
+
+def test_counters_back_to_full_are_swept() -> None:
+    clock = Clock()
+    store = LocalStore(clock, sweep_at=10)
+    for i in range(10):
+        store.take([rule(f"k{i}")])
+    clock.now += 16  # each took one unit of 15 s
+    store.take([rule("new")])
+    assert list(store.tats) == ["new"]
+
+
+@pytest.mark.parametrize(("seconds", "text"), [
+    (0.12, "120ms"), (0.0004, "1ms"), (0, "0ms"), (1, "1s"), (1.5, "1.5s"), (360, "6m0s"),
+    (59.9999, "1m0s"), (3600, "1h0m0s"), (3723.25, "1h2m3.25s"),
+])
+def test_durations_are_written_as_openai_writes_them(seconds: float, text: str) -> None:
+    assert duration(seconds) == text
+
+
+def test_headers_report_the_tightest_limit_of_each_kind() -> None:
+    key, tenant = rule("key", limit=100, window=3600), rule("tenant", limit=10, window=60)
+    tpm = rule("t", limit=1000, cost=50, kind="tokens")
+    # the key has 98 left; the tenant 10 - 4 = 6 (4 periods of 6 s ahead)
+    out = headers([key, tenant, tpm], [72.0, 24.0, 3.0])
+    assert out == {
+        "x-ratelimit-limit-requests": "10", "x-ratelimit-remaining-requests": "6",
+        "x-ratelimit-reset-requests": "24s",
+        "x-ratelimit-limit-tokens": "1000", "x-ratelimit-remaining-tokens": "950",
+        "x-ratelimit-reset-tokens": "3s",
+    }
+
+
+# ---------------------------------------------------------------- settings
+def test_the_shipped_shape_parses_with_strings_from_the_environment() -> None:
+    settings = parse_settings({"window_seconds": "60", "tiers": {
+        "free": {"requests": "10"}, "pro": {"requests": 1000, "window_seconds": 3600,
+                                            "tokens_per_minute": 90000}},
+        "models": {"gpt-4o": {"tokens_per_minute": 30000}}})
+    assert settings.tiers["free"] == Rate(10, 60.0, None)
+    assert settings.tiers["pro"] == Rate(1000, 3600.0, 90000)
+    assert settings.models["gpt-4o"] == Rate(None, 60.0, 30000)
+    assert settings.default_tier == "free" and settings.anonymous_tier is None and settings.fail_open
+
+
+@pytest.mark.parametrize(("raw", "message"), [
+    ({"tiers": {"free": {"requests": 0}}}, "limits.tiers.free.requests: expected a whole number ≥ 1, got 0"),
+    ({"tiers": {"free": {"requests": "ten"}}}, "limits.tiers.free.requests: expected a whole number ≥ 1"),
+    ({"tiers": {"free": {"requests": 2.5}}}, "limits.tiers.free.requests: expected a whole number ≥ 1"),
+    ({"tiers": {"free": {"requests": 5, "window_seconds": -1}}},
+     "limits.tiers.free.window_seconds: expected a number of seconds > 0"),
+    ({"tiers": {"free": {"rpm": 5}}}, "limits.tiers.free.rpm: unknown setting"),
+    ({"models": {"gpt-4o": {"tokens_per_minute": True}}}, "limits.models.gpt-4o.tokens_per_minute"),
+    ({"on_backend_error": "maybe"}, "limits.on_backend_error: expected open or closed"),
+    ({"scopes": ["key", "team"]}, "limits.scopes: expected a list of key, user, tenant"),
+    ({"tiers": {"free": {"requests": 1}}, "anonymous_tier": "gold"},
+     "limits.anonymous_tier: expected the name of a tier in limits.tiers (free), got 'gold'"),
+    ({"tier": {}}, "limits.tier: unknown setting"),
+])
+def test_a_bad_setting_is_named_by_its_path(raw: dict[str, Any], message: str) -> None:
+    with pytest.raises(ConfigError) as info:
+        parse_settings(raw)
+    assert any(e.startswith(message) for e in info.value.errors), info.value.errors
+
+
+def test_a_bad_limits_section_stops_start_up_naming_the_setting() -> None:
+    config = make_config(limits={"tiers": {"free": {"requests": -3}}})
+    with pytest.raises(PluginError) as info:
+        create_app(config)
+    assert "limits.tiers.free.requests: expected a whole number ≥ 1, got -3" in str(info.value)
+
+
+def test_a_redis_url_redis_cannot_use_stops_start_up_without_echoing_it() -> None:
+    config = make_config(limits={"tiers": {"free": {"requests": 3}}},
+                         redis={"url": "http://user:hunter2@127.0.0.1:6379"})
+    with pytest.raises(PluginError) as info:
+        create_app(config)
+    assert "redis.url: not a URL Redis can use" in str(info.value)
+    assert "hunter2" not in str(info.value)
+
+
+def test_a_key_override_replaces_only_what_it_names() -> None:
+    tier = Rate(10, 3600.0, 5000)
+    assert key_override({"rate_limits": {"requests": 50}}, tier, 3600) == Rate(50, 3600.0, 5000)
+    assert key_override({"rate_limits": {"tokens_per_minute": 7, "window_seconds": 60}}, None, 3600) \
+        == Rate(None, 60.0, 7)
+    assert key_override({"rate_limits": {"requests": "lots"}}, tier, 3600) == tier  # malformed: ignored
+    assert key_override({"rate_limits": {"requests": -1}}, None, 3600) is None
