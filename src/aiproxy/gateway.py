@@ -247,8 +247,11 @@ class Gateway:
                 produced = tokens.completion(call.response, model)
                 call.usage = Usage(prompt, produced, prompt + produced)
                 call.metadata["usage_estimated"] = True
+            # stored only when every choice finished: an upstream body that just stops
+            # (no finish_reason) ends the client's stream normally, but must not be cached
             if complete and call.collect and not call.cached and call.error is None \
-                    and call.response is not None:
+                    and call.response is not None \
+                    and all(c.get("finish_reason") for c in call.response.get("choices") or [{}]):
                 await self._quietly("aiproxy_cache_store", call=call, reply=Reply(call.response))
         except Exception:
             log.exception("settling the stream of %s failed", call.request_id)
