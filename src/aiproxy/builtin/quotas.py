@@ -1,1 +1,0 @@
-"""The quotas stage (being built; no hooks yet)."""

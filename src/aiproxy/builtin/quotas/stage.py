@@ -1,0 +1,286 @@
+"""The quotas stage: check (and reserve) in before-call, account in after-call and on-error."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import math
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+from starlette.applications import Starlette
+
+from aiproxy import hookimpl, tokens
+from aiproxy.builtin.quotas.counters import Add, Counters, LocalCounters, RedisCounters, Reserve
+from aiproxy.builtin.quotas.periods import GRACE, Calendar, Periods
+from aiproxy.builtin.quotas.rules import NONE, Rules, rules_for
+from aiproxy.builtin.quotas.settings import parse
+from aiproxy.builtin.quotas.writeback import UsageWriter
+from aiproxy.call import Call, Principal
+from aiproxy.config import Config
+from aiproxy.errors import ProxyError
+
+log = logging.getLogger("aiproxy.quotas")
+_DOWN = object()  # the shared counters cannot be reached and the stage fails open
+MAX_OWED = 100_000  # counters whose increments wait for Redis to come back
+LOG_EVERY = 60.0  # seconds between two "Redis is unreachable" errors in the log
+
+
+@dataclass(slots=True)
+class Held:
+    """What a call took in before-call, to settle when it ends."""
+
+    tokens: list[tuple[str, float, float, float]]  # counter, tokens reserved, seed, expires_at
+    usd: list[tuple[str, float]]  # counter, expires_at
+    key_id: str | None  # the api_keys row its tokens are written back to
+    month: str
+
+
+class Quotas:
+    def __init__(self, config: Config, *, clock: Callable[[], float] = time.time) -> None:
+        self.settings = parse(config.section("quotas"), config.source)
+        self.clock = clock  # epoch seconds; periods are UTC days and months of it
+        self.redis_url = config.redis_url
+        self.prefix = str(config.section("redis").get("prefix") or "aiproxy:") + "quotas:"
+        self.counters: Counters = LocalCounters()
+        self.writer: UsageWriter | None = None
+        self.calendar = Calendar()
+        self._rules: dict[tuple[Any, ...], Rules] = {}
+        self._owed: dict[str, list[float]] = {}  # counter → [amount, seed, expires_at]
+        self._down_until = 0.0
+        self._logged_at = -math.inf
+        self._task: asyncio.Task[None] | None = None
+        self.backend_errors = 0
+        self.refused = 0
+        self.lost = 0
+
+    # ------------------------------------------------------------ lifecycle
+    @hookimpl
+    async def aiproxy_startup(self, app: Starlette) -> None:
+        engine = getattr(app.state, "database", None)
+        if engine is not None:
+            self.writer = UsageWriter(engine)
+        if self.redis_url:
+            try:
+                self.counters = RedisCounters(self.redis_url, self.prefix)
+            except ValueError:  # not logged: the URL may hold a password
+                log.warning("quotas: redis.url is not a redis:// URL; counters stay in this process")
+        hooks = getattr(app.state, "hooks", None)
+        costed = hooks is not None and "cost" in hooks.implementers("aiproxy_after_call")
+        if self.settings.has_budgets and not costed:
+            log.warning("quotas: budgets are configured but the cost plugin is disabled (or sets no "
+                        "call.cost), so no spend is counted against them")
+        if self.settings.flush_interval > 0:
+            self._task = asyncio.create_task(self._every(self.settings.flush_interval))
+
+    @hookimpl
+    async def aiproxy_shutdown(self) -> None:
+        if self._task is not None:
+            self._task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._task
+            self._task = None
+        await self.tick()
+        await self.counters.aclose()
+
+    async def tick(self) -> None:
+        """The periodic work: write keys' usage back, drop finished periods, pay Redis what it is owed."""
+        if self.writer is not None:
+            await self.writer.flush()
+        now = self.clock()
+        if isinstance(self.counters, LocalCounters):
+            self.counters.sweep(now)
+        elif self._owed and now >= self._down_until:
+            try:
+                await self._repay(now)
+            except Exception as exc:
+                self._failed(exc, now)
+
+    async def _every(self, seconds: float) -> None:
+        while True:
+            await asyncio.sleep(seconds)
+            try:
+                await self.tick()
+            except Exception:
+                log.exception("quotas: periodic flush failed")
+
+    @hookimpl
+    def aiproxy_stats(self) -> dict[str, float]:
+        return {"aiproxy_quotas_backend_errors_total": float(self.backend_errors),
+                "aiproxy_quotas_refused_total": float(self.refused),
+                "aiproxy_quotas_lost_increments_total": float(self.lost),
+                "aiproxy_quotas_unwritten_keys": float(len(self.writer.pending) if self.writer else 0)}
+
+    # ------------------------------------------------------------ before the call
+    @hookimpl
+    async def aiproxy_before_call(self, call: Call) -> None:
+        p = call.principal
+        if p is None or p.kind == "master" or call.operation == "count_tokens":
+            return
+        rules = self.rules(p)
+        is_key = p.kind == "key"
+        write_back = self.writer is not None and is_key and not p.metadata.get("declared")
+        count_own = is_key and not self.counters.remote  # in process, every key's month is kept
+        if rules is NONE and not write_back and not count_own:
+            return
+        now = self.clock()
+        periods = self.calendar.at(now)
+        month = periods.month
+        seed = _stored_usage(p, month.name) if is_key else 0.0
+        items: list[Reserve] = []
+        estimate = 0
+        if rules.tokens:
+            estimate = (tokens.prompt(call.body, call.upstream_model or call.model)
+                        + tokens.max_completion(call.body, self.settings.completion_estimate))
+            items += [(f"tok:{r.scope}:{r.ident}:{month.name}", r.limit, estimate,
+                       seed if r.own_key else 0.0, month.end + GRACE) for r in rules.tokens]
+        for b in rules.budgets:
+            period = periods.day if b.daily else month
+            items.append((f"usd:{b.scope}:{b.ident}:{period.name}", b.cap, 0.0, 0.0, period.end + GRACE))
+        reserved = 0.0
+        if items:
+            refused = await self._reserve(items, now)
+            if isinstance(refused, tuple):
+                self.refused += 1
+                raise self._refusal(rules, refused, estimate, periods, now)
+            if refused is None:
+                reserved = float(estimate)
+        n = len(rules.tokens)
+        held_tokens = [(name, reserved, item_seed, expires) for name, _, _, item_seed, expires in items[:n]]
+        if count_own and not any(r.own_key for r in rules.tokens):
+            held_tokens.append((f"tok:key:{p.id}:{month.name}", 0.0, seed, month.end + GRACE))
+        call.state["quotas"] = Held(held_tokens, [(item[0], item[4]) for item in items[n:]],
+                                    p.id if write_back else None, month.name)
+
+    def rules(self, p: Principal) -> Rules:
+        key = (p.kind, p.id, p.tier, p.user, p.tenant, p.metadata.get("monthly_limit_tokens"))
+        rules = self._rules.get(key)
+        if rules is None:
+            if len(self._rules) >= 50_000:
+                self._rules.clear()
+            rules = self._rules[key] = rules_for(self.settings, p)
+        return rules
+
+    def _refusal(self, rules: Rules, refused: tuple[int, float], estimate: int, periods: Periods,
+                 now: float) -> ProxyError:
+        index, used = refused
+        n = len(rules.tokens)
+        period = periods.day if index >= n and rules.budgets[index - n].daily else periods.month
+        wait = max(1, math.ceil(period.end - now))
+        when = f"It resets at {period.resets}; retry after {wait} seconds."
+        if index < n:
+            rule = rules.tokens[index]
+            need = f"; this request may need up to {estimate:,} more" if used < rule.limit else ""
+            return ProxyError(429, f"Quota exceeded: {rule.label} is {rule.limit:,} tokens and "
+                              f"{used:,.0f} are used in {period.name} (UTC){need}. {when}",
+                              type="insufficient_quota", code="insufficient_quota",
+                              headers={"retry-after": str(wait)})
+        budget = rules.budgets[index - n]
+        return ProxyError(429, f"Budget exceeded: {budget.label} is {_usd(budget.cap)} and {_usd(used)} "
+                          f"has been spent in {period.name} (UTC). {when}",
+                          type="insufficient_quota", code="budget_exceeded",
+                          headers={"retry-after": str(wait)})
+
+    # ------------------------------------------------------------ after the call
+    @hookimpl
+    async def aiproxy_after_call(self, call: Call) -> None:
+        await self.settle(call)
+
+    @hookimpl
+    async def aiproxy_on_error(self, call: Call) -> None:
+        await self.settle(call)  # a failed call counts what it used (a stream cut short)
+
+    async def settle(self, call: Call) -> None:
+        """Replace the reservation by the tokens used; add the spend (``call.cost``)."""
+        held: Held | None = call.state.pop("quotas", None)
+        if held is None:
+            return
+        usage = call.usage
+        used = 0 if call.cached or usage is None else usage.total_tokens  # a cache hit cost nothing
+        items: list[Add] = [(name, used - reserved, seed, expires)
+                            for name, reserved, seed, expires in held.tokens if used != reserved]
+        cost = call.cost
+        if cost is not None and cost > 0:  # None: no cost stage said; count nothing
+            items += [(name, cost, 0.0, expires) for name, expires in held.usd]
+        if items:
+            await self._add(items, self.clock())
+        if held.key_id is not None and self.writer is not None:
+            self.writer.add(held.key_id, held.month, used)
+
+    # ------------------------------------------------------------ the backend, failing open or closed
+    async def _reserve(self, items: list[Reserve], now: float) -> tuple[int, float] | object | None:
+        if not self.counters.remote:
+            return await self.counters.reserve(items, now)
+        if now < self._down_until:
+            return self._unavailable(now)
+        try:
+            await self._repay(now)
+            return await self.counters.reserve(items, now)
+        except Exception as exc:
+            self._failed(exc, now)
+            return self._unavailable(now)
+
+    async def _add(self, items: list[Add], now: float) -> None:
+        if not self.counters.remote:
+            await self.counters.add(items, now)
+            return
+        if now < self._down_until:
+            self._owe(items)
+            return
+        try:
+            await self._repay(now)
+            await self.counters.add(items, now)
+        except Exception as exc:
+            self._failed(exc, now)
+            self._owe(items)
+
+    async def _repay(self, now: float) -> None:
+        if not self._owed:
+            return
+        owed, self._owed = self._owed, {}
+        try:
+            await self.counters.add([(name, *entry) for name, entry in owed.items()], now)  # type: ignore[misc]
+        except Exception:
+            self._owe([(name, *entry) for name, entry in owed.items()])  # type: ignore[misc]
+            raise
+        log.info("quotas: Redis is back; %d counter(s) caught up", len(owed))
+
+    def _owe(self, items: list[Add]) -> None:
+        for name, amount, seed, expires in items:
+            entry = self._owed.get(name)
+            if entry is not None:
+                entry[0] += amount
+            elif len(self._owed) < MAX_OWED:
+                self._owed[name] = [amount, seed, expires]
+            else:
+                self.lost += 1
+
+    def _failed(self, exc: BaseException, now: float) -> None:
+        self.backend_errors += 1
+        self._down_until = now + self.settings.retry_seconds
+        if now - self._logged_at >= LOG_EVERY:
+            self._logged_at = now
+            log.error("quotas: Redis is unreachable (%s); calls are %s for %gs, then it is tried again",
+                      type(exc).__name__, "let through unchecked" if self.settings.fail_open
+                      else "refused with 503", self.settings.retry_seconds)
+
+    def _unavailable(self, now: float) -> object:
+        if self.settings.fail_open:
+            return _DOWN
+        wait = max(1, math.ceil(self._down_until - now))
+        raise ProxyError(503, "Quotas and budgets cannot be checked right now (their store is "
+                         f"unreachable); retry after {wait} seconds.", type="service_unavailable",
+                         code="quota_store_unavailable", headers={"retry-after": str(wait)})
+
+
+def _stored_usage(p: Principal, month: str) -> float:
+    """The key's usage as last written back, when it is this month's."""
+    usage = p.metadata.get("current_usage")
+    return float(usage) if p.metadata.get("usage_period") == month and type(usage) is int else 0.0
+
+
+def _usd(amount: float) -> str:
+    return f"${amount:,.2f}" if amount >= 0.01 or amount == 0 else f"${amount:.6f}"

@@ -1,0 +1,150 @@
+"""Quotas and budgets shared through a real Redis (``AIPROXY_TEST_REDIS_URL``): two apps
+agree on one quota exactly, spend survives a gateway restart, counters expire after
+their period, and Redis going away fails open (counted, logged once, caught up after)
+or closed (503). Set but unreachable, the Redis URL fails these tests; it never skips them."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import uuid
+from collections.abc import AsyncIterator
+from typing import Any
+
+import pytest
+
+from aiproxy import tokens
+from aiproxy.config import Config
+from tests.conftest import OPENAI_BASE
+from tests.helpers import error_of
+from tests.quotas_support import Clock, Cost, epoch, key, quota_config, started
+from tests.tcp_proxy import TcpProxy
+
+REDIS_URL = os.environ.get("AIPROXY_TEST_REDIS_URL", "")
+pytestmark = pytest.mark.skipif(not REDIS_URL, reason="AIPROXY_TEST_REDIS_URL is not set")
+BODY = {"model": "gpt-test", "messages": [{"role": "user", "content": "Count to three."}], "max_tokens": 10}
+EST = tokens.prompt(BODY, "gpt-4o-mini") + 10  # what a BODY call reserves
+
+
+@pytest.fixture
+async def redis() -> AsyncIterator[Any]:
+    """A client on the test Redis with a prefix of this test's own (its keys deleted after).
+    An unreachable server fails the test: set, the URL promises a Redis."""
+    from redis.asyncio import Redis
+
+    client = Redis.from_url(REDIS_URL, decode_responses=True)
+    await client.ping()
+    client.test_prefix = f"aiproxy-test-{uuid.uuid4().hex[:12]}:"
+    try:
+        yield client
+    finally:
+        names = [n async for n in client.scan_iter(match=f"{client.test_prefix}*")]
+        if names:
+            await client.delete(*names)
+        await client.aclose()
+
+
+def shared(redis: Any, quotas: dict[str, Any], keys: list[dict[str, Any]], url: str = REDIS_URL) -> Config:
+    return quota_config({"flush_interval": 0, **quotas}, keys,
+                        redis={"url": url, "prefix": redis.test_prefix})
+
+
+def answer_of_exactly_the_estimate() -> dict[str, Any]:
+    return {"id": "chatcmpl-1", "object": "chat.completion", "created": 1, "model": "gpt-4o-mini",
+            "choices": [{"index": 0, "message": {"role": "assistant", "content": "one two three"},
+                         "finish_reason": "stop"}],
+            "usage": {"prompt_tokens": EST - 10, "completion_tokens": 10, "total_tokens": EST}}
+
+
+async def test_two_apps_on_one_redis_let_exactly_the_quota_through(redis: Any) -> None:
+    n, extra = 5, 4
+    config = shared(redis, {}, [key("ci", monthly_limit_tokens=n * EST)])
+    clock = Clock(epoch(2026, 11, 10))
+    async with started(config, clock) as one, started(config, clock) as two:
+        for app in (one, two):
+            app.upstream.post(f"{OPENAI_BASE}/chat/completions").respond(
+                200, json=answer_of_exactly_the_estimate())
+        replies = await asyncio.gather(*((one if i % 2 else two).chat("ci", BODY) for i in range(n + extra)))
+        codes = sorted(r.status_code for r in replies)
+        assert codes == [200] * n + [429] * extra
+        for r in replies:
+            if r.status_code == 429:
+                assert f"the monthly token limit of key config:ci is {n * EST:,} tokens" in \
+                    error_of(r)["message"]
+        assert float(await redis.get(f"{redis.test_prefix}quotas:tok:key:config:ci:2026-11")) == n * EST
+
+
+async def test_spend_is_shared_and_survives_a_restart_and_counters_expire_after_their_period(
+        redis: Any) -> None:
+    config = shared(redis, {"budgets": {"tenants": {"acme": {"daily_usd": 1}}}},
+                    [key("a", tenant="acme"), key("b", tenant="acme")])
+    clock = Clock(epoch(2026, 11, 30, 12))
+    async with started(config, clock, Cost(0.6)) as one, started(config, clock, Cost(0.6)) as two:
+        assert (await one.chat("a")).status_code == 200
+        assert (await two.chat("b")).status_code == 200  # $0.60 < $1: in; now $1.20
+        assert (await one.chat("b")).status_code == 429
+    async with started(config, clock, Cost(0.6)) as restarted:
+        refused = await restarted.chat("a")
+        assert refused.status_code == 429
+        assert "the daily budget of tenant acme is $1.00 and $1.20 has been spent in 2026-11-30" in \
+            error_of(refused)["message"]
+    name = f"{redis.test_prefix}quotas:usd:tenant:acme:2026-11-30"
+    left = await redis.pttl(name)  # 12 h to the end of the day, and a day's grace
+    assert 36 * 3600_000 - 60_000 < left <= 36 * 3600_000
+
+
+async def test_redis_going_away_fails_open_counted_logged_once_and_caught_up_after(
+        redis: Any, caplog: pytest.LogCaptureFixture) -> None:
+    clock = Clock(epoch(2026, 11, 10))
+    name = f"{redis.test_prefix}quotas:tok:key:config:ci:2026-11"
+    with TcpProxy.for_url(REDIS_URL) as proxy:
+        config = shared(redis, {"backend_retry_seconds": 5}, [key("ci", monthly_limit_tokens=10_000)],
+                        url=proxy.url(REDIS_URL))
+        async with started(config, clock) as app:
+            used = [(await app.chat("ci")).json()["usage"]["total_tokens"]]
+            assert float(await redis.get(name)) == used[0]
+            proxy.cut()
+            with caplog.at_level(logging.ERROR, logger="aiproxy.quotas"):
+                for _ in range(3):
+                    r = await app.chat("ci")
+                    assert r.status_code == 200, r.text  # let through unchecked
+                    used.append(r.json()["usage"]["total_tokens"])
+            errors = app.quotas.aiproxy_stats()["aiproxy_quotas_backend_errors_total"]
+            assert 1 <= errors <= 2  # the reservation failed; within the retry window, no more tries
+            assert len([r for r in caplog.records if "Redis is unreachable" in r.getMessage()]) == 1
+            proxy.restore()
+            clock.now += 5
+            used.append((await app.chat("ci")).json()["usage"]["total_tokens"])
+            assert float(await redis.get(name)) == sum(used)  # what it used meanwhile was paid in
+
+
+async def test_redis_going_away_fails_closed_when_configured(redis: Any) -> None:
+    clock = Clock(epoch(2026, 11, 10))
+    with TcpProxy.for_url(REDIS_URL) as proxy:
+        config = shared(redis, {"backend_failure": "closed", "backend_retry_seconds": 5},
+                        [key("ci", monthly_limit_tokens=10_000)], url=proxy.url(REDIS_URL))
+        async with started(config, clock) as app:
+            assert (await app.chat("ci")).status_code == 200
+            proxy.cut()
+            for _ in range(2):
+                r = await app.chat("ci")
+                assert r.status_code == 503
+                assert error_of(r)["code"] == "quota_store_unavailable"
+                assert r.headers["retry-after"] == "5"
+            assert app.quotas.aiproxy_stats()["aiproxy_quotas_backend_errors_total"] == 1
+            proxy.restore()
+            clock.now += 5
+            assert (await app.chat("ci")).status_code == 200
+
+
+async def test_a_caller_with_no_quota_or_budget_costs_no_redis_round_trip(redis: Any) -> None:
+    with TcpProxy.for_url(REDIS_URL) as proxy:
+        config = shared(redis, {}, [key("free"), key("capped", monthly_limit_tokens=1000)],
+                        url=proxy.url(REDIS_URL))
+        proxy.cut()  # any round trip would now fail and be counted
+        async with started(config, Clock(epoch(2026, 11, 10))) as app:
+            assert [(await app.chat("free")).status_code for _ in range(3)] == [200] * 3
+            assert app.quotas.aiproxy_stats()["aiproxy_quotas_backend_errors_total"] == 0
+            assert (await app.chat("capped")).status_code == 200  # fails open…
+            assert app.quotas.aiproxy_stats()["aiproxy_quotas_backend_errors_total"] == 1  # …after trying

@@ -1,0 +1,110 @@
+"""A key's monthly tokens against the database (SQLite, and PostgreSQL when configured):
+its limit set through the KeyStore is enforced, its usage is written back in batches,
+and a restarted gateway continues from what was written."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from sqlalchemy.ext.asyncio import AsyncEngine
+
+from aiproxy import tokens
+from aiproxy.builtin.quotas.writeback import UsageWriter
+from aiproxy.config import Config
+from aiproxy.storage.db import create_engine
+from aiproxy.storage.keys import KeyStore
+from tests.conftest import make_config
+from tests.helpers import error_of
+from tests.quotas_support import CHAT_URL, MOCK, Clock, epoch, started
+
+EST = tokens.prompt(MOCK, "mock-gpt")
+
+
+def db_config(url: str, **quotas: Any) -> Config:
+    return make_config(database={"url": url}, keys={"required": True}, quotas={"flush_interval": 0, **quotas},
+                       plugins={"dir": None, "disable": ["cost"]})
+
+
+async def call(app: Any, secret: str) -> Any:
+    return await app.http.post(CHAT_URL, json=MOCK, headers={"authorization": f"Bearer {secret}"})
+
+
+async def test_a_keys_limit_is_enforced_written_back_and_continued_after_a_restart(
+        migrated_url: str, store: KeyStore) -> None:
+    secret, record = await store.create_key(name="ci", monthly_limit_tokens=60)
+    clock = Clock(epoch(2026, 11, 10))
+    config = db_config(migrated_url)
+    async with started(config, clock) as app:
+        used = 0
+        while used + EST <= 60:
+            r = await call(app, secret)
+            assert r.status_code == 200, r.text
+            used += r.json()["usage"]["total_tokens"]
+        assert (await call(app, secret)).status_code == 429
+        stored = await store.get_key(record.id, tenant=None)
+        assert stored is not None and stored.current_usage == 0  # not per call: at the flush
+    stored = await store.get_key(record.id, tenant=None)
+    assert stored is not None and (stored.current_usage, stored.usage_period) == (used, "2026-11")
+
+    async with started(config, clock) as app:  # a restart: the month goes on from the row
+        refused = await call(app, secret)
+        assert refused.status_code == 429
+        assert f"{used} are used in 2026-11" in error_of(refused)["message"]
+        await app.app.state.key_store.update_key(record.id, tenant=None, monthly_limit_tokens=1000)
+        more = await call(app, secret)  # the raised limit applies at once
+        assert more.status_code == 200, more.text
+        extra = more.json()["usage"]["total_tokens"]
+    stored = await store.get_key(record.id, tenant=None)
+    assert stored is not None and stored.current_usage == used + extra
+
+
+async def test_usage_from_an_earlier_month_is_not_carried_over(migrated_url: str, store: KeyStore,
+                                                                engine: AsyncEngine) -> None:
+    secret, record = await store.create_key(name="ci", monthly_limit_tokens=100)
+    october = UsageWriter(engine)
+    october.add(record.id, "2026-10", 999)
+    await october.flush()
+    async with started(db_config(migrated_url), Clock(epoch(2026, 11, 1))) as app:
+        r = await call(app, secret)
+        assert r.status_code == 200, r.text
+    stored = await store.get_key(record.id, tenant=None)
+    assert stored is not None
+    assert (stored.current_usage, stored.usage_period) == (r.json()["usage"]["total_tokens"], "2026-11")
+
+
+async def test_replicas_add_up_and_a_late_flush_never_overwrites_a_newer_month(
+        store: KeyStore, engine: AsyncEngine) -> None:
+    _, record = await store.create_key(name="ci")
+    one, two = UsageWriter(engine), UsageWriter(engine)
+    one.add(record.id, "2026-11", 30)
+    two.add(record.id, "2026-11", 12)
+    one.add(record.id, "2026-11", 8)
+    await one.flush()
+    await two.flush()
+    stored = await store.get_key(record.id, tenant=None)
+    assert stored is not None and (stored.current_usage, stored.usage_period) == (50, "2026-11")
+    one.add(record.id, "2026-12", 5)
+    await one.flush()
+    two.add(record.id, "2026-11", 7)  # a replica that flushes November's tail after December began
+    await two.flush()
+    stored = await store.get_key(record.id, tenant=None)
+    assert stored is not None and (stored.current_usage, stored.usage_period) == (5, "2026-12")
+
+
+async def test_a_flush_that_fails_keeps_its_counts_for_the_next(store: KeyStore, engine: AsyncEngine,
+                                                                tmp_path: Path) -> None:
+    _, record = await store.create_key(name="ci")
+    broken = create_engine(f"sqlite+aiosqlite:///{tmp_path / 'no' / 'such' / 'dir.db'}")
+    writer = UsageWriter(broken)
+    writer.add(record.id, "2026-11", 40)
+    try:
+        await writer.flush()
+    finally:
+        await broken.dispose()
+    assert writer.pending == {(record.id, "2026-11"): 40}
+    writer.add(record.id, "2026-11", 2)
+    writer.engine = engine
+    await writer.flush()
+    stored = await store.get_key(record.id, tenant=None)
+    assert stored is not None and stored.current_usage == 42 and writer.pending == {}
