@@ -201,7 +201,7 @@ async def test_count_tokens_is_neither_refused_nor_counted() -> None:
     ({"budgets": {"users": {"u": {"monthly_usd": "lots"}}}},
      "quotas.budgets.users.u.monthly_usd: expected a number, got 'lots'"),
     ({"budgets": {"tenants": ["t"]}}, "quotas.budgets.tenants: expected a mapping, got list"),
-    ({"backend_failure": "maybe"}, "quotas.backend_failure: expected 'open' or 'closed'"),
+    ({"on_backend_error": "maybe"}, "quotas.on_backend_error: expected 'open' or 'closed'"),
     ({"flush_intervl": 3}, "quotas.flush_intervl: unknown setting (did you mean 'flush_interval'?)"),
 ])
 def test_a_bad_section_stops_start_up_naming_the_setting(section: dict[str, Any], message: str) -> None:

@@ -99,7 +99,7 @@ async def test_redis_going_away_fails_open_counted_logged_once_and_caught_up_aft
     clock = Clock(epoch(2026, 11, 10))
     name = f"{redis.test_prefix}quotas:tok:key:config:ci:2026-11"
     with TcpProxy.for_url(REDIS_URL) as proxy:
-        config = shared(redis, {"backend_retry_seconds": 5}, [key("ci", monthly_limit_tokens=10_000)],
+        config = shared(redis, {"redis_retry_seconds": 5}, [key("ci", monthly_limit_tokens=10_000)],
                         url=proxy.url(REDIS_URL))
         async with started(config, clock) as app:
             used = [(await app.chat("ci")).json()["usage"]["total_tokens"]]
@@ -122,7 +122,7 @@ async def test_redis_going_away_fails_open_counted_logged_once_and_caught_up_aft
 async def test_redis_going_away_fails_closed_when_configured(redis: Any) -> None:
     clock = Clock(epoch(2026, 11, 10))
     with TcpProxy.for_url(REDIS_URL) as proxy:
-        config = shared(redis, {"backend_failure": "closed", "backend_retry_seconds": 5},
+        config = shared(redis, {"on_backend_error": "closed", "redis_retry_seconds": 5},
                         [key("ci", monthly_limit_tokens=10_000)], url=proxy.url(REDIS_URL))
         async with started(config, clock) as app:
             assert (await app.chat("ci")).status_code == 200

@@ -11,7 +11,7 @@ from aiproxy.config import ConfigError
 from aiproxy.storage.models import TIERS
 
 SCOPES = ("key", "user", "tenant")
-_TOP = ("flush_interval", "backend_failure", "backend_retry_seconds", "completion_estimate",
+_TOP = ("flush_interval", "on_backend_error", "redis_retry_seconds", "completion_estimate",
         "plans", "budgets")
 _BUDGET_SECTIONS = {"tiers": None, "keys": "key", "users": "user", "tenants": "tenant"}
 _CAPS = ("daily_usd", "monthly_usd")
@@ -61,11 +61,11 @@ def parse(section: dict[str, Any], source: str = "config") -> QuotaSettings:
     out = QuotaSettings()
     _unknown(section, _TOP, "quotas", errors)
     out.flush_interval = _number(section.get("flush_interval", 30), "quotas.flush_interval", errors)
-    out.retry_seconds = _number(section.get("backend_retry_seconds", 5), "quotas.backend_retry_seconds",
+    out.retry_seconds = _number(section.get("redis_retry_seconds", 5), "quotas.redis_retry_seconds",
                                 errors)
-    failure = section.get("backend_failure", "open")
+    failure = section.get("on_backend_error", "open")
     if failure not in ("open", "closed"):
-        errors.append(f"quotas.backend_failure: expected 'open' or 'closed', got {failure!r}")
+        errors.append(f"quotas.on_backend_error: expected 'open' or 'closed', got {failure!r}")
     out.fail_open = failure != "closed"
     out.completion_estimate = int(_number(section.get("completion_estimate", 0),
                                           "quotas.completion_estimate", errors, whole=True))

@@ -84,6 +84,13 @@ class Quotas:
                 await self._task
             self._task = None
         await self.tick()
+        if self._owed:  # one last try, whatever the retry window says
+            try:
+                await self._repay(self.clock())
+            except Exception as exc:
+                self.lost += len(self._owed)
+                log.warning("quotas: %d counter increment(s) could not reach Redis before shutdown (%s) "
+                            "and are lost", len(self._owed), type(exc).__name__)
         await self.counters.aclose()
 
     async def tick(self) -> None:
