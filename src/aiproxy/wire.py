@@ -175,9 +175,10 @@ def assemble(events: Sequence[bytes]) -> dict[str, Any] | None:
             continue
         if first is None:
             first = chunk
-        for key in ("id", "created", "model"):
-            if key not in head and chunk.get(key):
-                head[key] = chunk[key]
+        if len(head) < 3:
+            for key in ("id", "created", "model"):
+                if key not in head and chunk.get(key):
+                    head[key] = chunk[key]
         if text_mode is None and chunk.get("object"):
             text_mode = chunk["object"] == "text_completion"
         if chunk.get("usage") is not None:
@@ -198,9 +199,13 @@ def assemble(events: Sequence[bytes]) -> dict[str, Any] | None:
 
 
 def _merge_choice(choices: dict[int, dict[str, Any]], choice: dict[str, Any], text_mode: bool) -> None:
-    index = choice.get("index", 0) if type(choice.get("index", 0)) is int else 0
-    acc = choices.setdefault(index, {"index": index, "parts": [], "refusal": [], "tools": {},
-                                     "role": "assistant", "finish_reason": None, "last_tool": 0})
+    index = choice.get("index", 0)
+    if type(index) is not int:
+        index = 0
+    acc = choices.get(index)
+    if acc is None:  # not setdefault: that would build a new accumulator for every chunk
+        acc = choices[index] = {"index": index, "parts": [], "refusal": [], "tools": {},
+                                "role": "assistant", "finish_reason": None, "last_tool": 0}
     if choice.get("finish_reason") is not None:
         acc["finish_reason"] = choice["finish_reason"]
     if text_mode:
@@ -210,10 +215,13 @@ def _merge_choice(choices: dict[int, dict[str, Any]], choice: dict[str, Any], te
     delta = choice.get("delta")
     if not isinstance(delta, dict):
         return
+    content = delta.get("content")
+    if type(content) is str:
+        acc["parts"].append(content)
+    if len(delta) == 1 and content is not None:
+        return  # the usual chunk: one piece of text
     if isinstance(delta.get("role"), str):
         acc["role"] = delta["role"]
-    if isinstance(delta.get("content"), str):
-        acc["parts"].append(delta["content"])
     if isinstance(delta.get("refusal"), str):
         acc["refusal"].append(delta["refusal"])
     calls = delta.get("tool_calls")
@@ -221,7 +229,9 @@ def _merge_choice(choices: dict[int, dict[str, Any]], choice: dict[str, Any], te
         if not isinstance(call, dict):
             continue
         slot = acc["last_tool"] = _tool_slot(acc, call)
-        tool = acc["tools"].setdefault(slot, {"id": None, "type": "function", "name": [], "arguments": []})
+        tool = acc["tools"].get(slot)
+        if tool is None:
+            tool = acc["tools"][slot] = {"id": None, "type": "function", "name": [], "arguments": []}
         if call.get("id"):
             tool["id"] = call["id"]
         function = call.get("function")
