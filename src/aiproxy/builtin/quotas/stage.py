@@ -39,6 +39,24 @@ class Held:
     month: str
 
 
+@dataclass(slots=True)
+class Plan:
+    """One caller's rules, with their counters named for the current UTC day."""
+
+    key_id: str
+    rules: Rules
+    write_back: bool  # a key in the database: its tokens go back to its row
+    count_own: bool  # in process, the key's month is counted even with no rule on it
+    day: str = ""  # the day the names below are for
+    tokens: tuple[tuple[str, float, bool, float], ...] = ()  # counter, limit, own key's, expires_at
+    budgets: tuple[tuple[str, float, float], ...] = ()  # counter, cap, expires_at
+    own: tuple[str, float] | None = None  # the key's own counter when no rule is on it
+    seeded: bool = False  # a counter here starts from the key's stored usage
+
+
+_UNKNOWN = object()
+
+
 class Quotas:
     def __init__(self, config: Config, *, clock: Callable[[], float] = time.time) -> None:
         self.settings = parse(config.section("quotas"), config.source)
@@ -48,7 +66,8 @@ class Quotas:
         self.counters: Counters = LocalCounters()
         self.writer: UsageWriter | None = None
         self.calendar = Calendar()
-        self._rules: dict[tuple[Any, ...], Rules] = {}
+        self._plans: dict[tuple[Any, ...], Plan | None] = {}
+        self._periods: Periods | None = None
         self._owed: dict[str, list[float]] = {}  # counter → [amount, seed, expires_at]
         self._down_until = 0.0
         self._logged_at = -math.inf
@@ -127,49 +146,71 @@ class Quotas:
         p = call.principal
         if p is None or p.kind == "master" or call.operation == "count_tokens":
             return
-        rules = self.rules(p)
-        is_key = p.kind == "key"
-        write_back = self.writer is not None and is_key and not p.metadata.get("declared")
-        count_own = is_key and not self.counters.remote  # in process, every key's month is kept
-        if rules is NONE and not write_back and not count_own:
-            return
+        plan = self.plan(p)
+        if plan is None:
+            return  # no quota, no budget, nothing to write back: no work at all
         now = self.clock()
         periods = self.calendar.at(now)
-        month = periods.month
-        seed = _stored_usage(p, month.name) if is_key else 0.0
-        items: list[Reserve] = []
+        if plan.day != periods.day.name:
+            self._fill(plan, periods)
+        month = periods.month.name
+        seed = _stored_usage(p, month) if plan.seeded else 0.0
         estimate = 0
-        if rules.tokens:
+        items: list[Reserve] = []
+        if plan.tokens:
             estimate = (tokens.prompt(call.body, call.upstream_model or call.model)
                         + tokens.max_completion(call.body, self.settings.completion_estimate))
-            items += [(f"tok:{r.scope}:{r.ident}:{month.name}", r.limit, estimate,
-                       seed if r.own_key else 0.0, month.end + GRACE) for r in rules.tokens]
-        for b in rules.budgets:
-            period = periods.day if b.daily else month
-            items.append((f"usd:{b.scope}:{b.ident}:{period.name}", b.cap, 0.0, 0.0, period.end + GRACE))
+            items = [(name, limit, estimate, seed if own else 0.0, expires)
+                     for name, limit, own, expires in plan.tokens]
+        if plan.budgets:
+            items += [(name, cap, 0.0, 0.0, expires) for name, cap, expires in plan.budgets]
         reserved = 0.0
         if items:
             refused = await self._reserve(items, now)
             if isinstance(refused, tuple):
                 self.refused += 1
-                raise self._refusal(rules, refused, estimate, periods, now)
+                raise self._refusal(plan.rules, refused, estimate, periods, now)
             if refused is None:
                 reserved = float(estimate)
-        n = len(rules.tokens)
-        held_tokens = [(name, reserved, item_seed, expires) for name, _, _, item_seed, expires in items[:n]]
-        if count_own and not any(r.own_key for r in rules.tokens):
-            held_tokens.append((f"tok:key:{p.id}:{month.name}", 0.0, seed, month.end + GRACE))
-        call.state["quotas"] = Held(held_tokens, [(item[0], item[4]) for item in items[n:]],
-                                    p.id if write_back else None, month.name)
+        held = [(name, reserved, seed if own else 0.0, expires) for name, _, own, expires in plan.tokens]
+        if plan.own is not None:
+            held.append((plan.own[0], 0.0, seed, plan.own[1]))
+        call.state["quotas"] = Held(held, [(name, expires) for name, _, expires in plan.budgets],
+                                    p.id if plan.write_back else None, month)
 
-    def rules(self, p: Principal) -> Rules:
+    def plan(self, p: Principal) -> Plan | None:
+        """What the stage does for ``p`` (None: nothing), remembered per caller."""
         key = (p.kind, p.id, p.tier, p.user, p.tenant, p.metadata.get("monthly_limit_tokens"))
-        rules = self._rules.get(key)
-        if rules is None:
-            if len(self._rules) >= 50_000:
-                self._rules.clear()
-            rules = self._rules[key] = rules_for(self.settings, p)
-        return rules
+        plan = self._plans.get(key, _UNKNOWN)
+        if plan is _UNKNOWN:
+            if len(self._plans) >= 50_000:
+                self._plans.clear()
+            plan = self._plans[key] = self._new_plan(p)
+        return plan  # type: ignore[return-value]
+
+    def _new_plan(self, p: Principal) -> Plan | None:
+        rules = rules_for(self.settings, p)
+        is_key = p.kind == "key"
+        write_back = self.writer is not None and is_key and not p.metadata.get("declared")
+        count_own = is_key and not self.counters.remote  # in process, every key's month is kept
+        if rules is NONE and not write_back and not count_own:
+            return None
+        return Plan(p.id, rules, write_back, count_own and not any(r.own_key for r in rules.tokens))
+
+    def _fill(self, plan: Plan, periods: Periods) -> None:
+        """Name the plan's counters for the day and month ``periods`` holds."""
+        if periods is not self._periods:
+            self._periods = periods
+            if isinstance(self.counters, LocalCounters):
+                self.counters.sweep(periods.day.start)  # a new day: drop what is over
+        month, day = periods.month, periods.day
+        plan.day = day.name
+        plan.tokens = tuple((f"tok:{r.scope}:{r.ident}:{month.name}", float(r.limit), r.own_key,
+                             month.end + GRACE) for r in plan.rules.tokens)
+        plan.budgets = tuple((f"usd:{b.scope}:{b.ident}:{(day if b.daily else month).name}", b.cap,
+                              (day if b.daily else month).end + GRACE) for b in plan.rules.budgets)
+        plan.own = (f"tok:key:{plan.key_id}:{month.name}", month.end + GRACE) if plan.count_own else None
+        plan.seeded = plan.own is not None or any(r.own_key for r in plan.rules.tokens)
 
     def _refusal(self, rules: Rules, refused: tuple[int, float], estimate: int, periods: Periods,
                  now: float) -> ProxyError:
