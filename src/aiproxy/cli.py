@@ -6,8 +6,11 @@ import argparse
 import gc
 import logging
 import os
+import shutil
 import sys
-from collections.abc import Sequence
+import tempfile
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from pathlib import Path
 
 from aiproxy import __version__, cli_manage
@@ -108,13 +111,29 @@ def _serve(args: argparse.Namespace) -> int:
     if workers > 1:
         os.environ[CONFIG_ENV] = str(_config_path(args.config).resolve())
         os.environ[LOG_LEVEL_ENV] = level
-        create_app(config)  # fail here, once, on a bad plugin, not in every worker
-        uvicorn.run("aiproxy.cli:worker_app", factory=True, workers=workers, **common)  # type: ignore[arg-type]
+        with _metrics_dir():
+            create_app(config)  # fail here, once, on a bad plugin, not in every worker
+            uvicorn.run("aiproxy.cli:worker_app", factory=True, workers=workers, **common)  # type: ignore[arg-type]
     else:
         app = create_app(config)
         settle_heap()
         uvicorn.run(app, **common)  # type: ignore[arg-type]
     return 0
+
+
+@contextmanager
+def _metrics_dir() -> Iterator[None]:
+    """Several workers are one gateway to /metrics: prometheus-client keeps each worker's
+    values in files under PROMETHEUS_MULTIPROC_DIR (set before any worker imports it), and
+    the scraped worker answers for all. A fresh directory per run (a past run's files would
+    add its counts), removed after (under $TMPDIR: point it at a tmpfs to keep it in memory)."""
+    path = tempfile.mkdtemp(prefix="aiproxy-metrics-")
+    os.environ["PROMETHEUS_MULTIPROC_DIR"] = path
+    try:
+        yield
+    finally:
+        os.environ.pop("PROMETHEUS_MULTIPROC_DIR", None)
+        shutil.rmtree(path, ignore_errors=True)
 
 
 def worker_app() -> object:
