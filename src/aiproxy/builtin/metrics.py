@@ -1,1 +1,0 @@
-"""The metrics stage (being built; no hooks yet)."""
