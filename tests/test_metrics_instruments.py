@@ -90,3 +90,17 @@ def test_calls_that_are_not_model_calls_are_not_counted():
     call.operation = "count_tokens"
     instruments.failed(call, ProxyError(400, "no"))
     assert exposed(instruments, registry).total("aiproxy_requests_total") == 0
+
+
+def test_negative_usage_or_cost_from_upstream_is_not_counted_and_breaks_no_scrape():
+    registry = CollectorRegistry()
+    instruments = Instruments(MetricsSettings(), registry)
+    call = made(latency=0.1)
+    call.usage = Usage(-5, 7, 2)
+    call.cost = -0.5
+    instruments.answered(call)
+    m = exposed(instruments, registry)
+    assert m.value("aiproxy_tokens_total", model="gpt-4o", tenant="acme", type="prompt") is None
+    assert m.value("aiproxy_tokens_total", model="gpt-4o", tenant="acme", type="completion") == 7
+    assert m.value("aiproxy_cost_usd_total", model="gpt-4o", tenant="acme") is None
+    assert m.value("aiproxy_requests_total", **LABELS, status="200") == 1

@@ -142,7 +142,10 @@ class Metrics:
             return error_response(ProxyError(503, "The gateway is starting; metrics are not ready.",
                                              type="service_unavailable", code="starting",
                                              headers={"retry-after": "1"}), request_id(request))
-        live.mirror.sync()
+        try:
+            live.mirror.sync()
+        except Exception:  # what was copied before still answers
+            log.exception("copying counts into metrics failed")
         registry = live.registry
         if live.shared is not None:
             registry = CollectorRegistry()

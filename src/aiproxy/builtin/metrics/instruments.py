@@ -160,13 +160,13 @@ class Instruments:
         principal = call.principal
         tenant = (principal.tenant or "") if principal is not None else ""
         usage = call.usage
-        if usage is not None:
-            if usage.prompt_tokens:
+        if usage is not None:  # an upstream may say anything: a counter cannot go down
+            if usage.prompt_tokens > 0:
                 self.tokens.add((model, tenant, "prompt"), usage.prompt_tokens)
-            if usage.completion_tokens:
+            if usage.completion_tokens > 0:
                 self.tokens.add((model, tenant, "completion"), usage.completion_tokens)
         cost = call.cost
-        if cost:
+        if cost is not None and cost > 0:
             self.cost.add((model, tenant), cost)
 
     # ------------------------------------------------------------ labels
