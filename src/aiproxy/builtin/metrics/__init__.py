@@ -72,6 +72,8 @@ class _Live:
 
 
 class Metrics:
+    """The stage of one app: its settings from config; its metrics from start-up on."""
+
     def __init__(self, config: Config) -> None:
         self.settings: MetricsSettings = parse_settings(config.section("metrics"), config.server.master_key)
         master = config.server.master_key
@@ -107,7 +109,10 @@ class Metrics:
             with contextlib.suppress(asyncio.CancelledError):
                 await live.syncer
         if live.shared is not None:
-            live.mirror.sync()  # this worker's last counts reach the shared files
+            try:
+                live.mirror.sync()  # this worker's last counts reach the shared files
+            except Exception:
+                log.exception("copying the last counts into metrics failed")
             mark_process_dead(os.getpid(), live.shared)  # its gauges stop counting
 
     async def _sync_every(self, mirror: Mirror, seconds: float) -> None:
