@@ -111,6 +111,14 @@ async def test_errors_count_by_status_and_an_unrouted_model_makes_no_series(gate
     assert m.value("aiproxy_tokens_total", model="mock-*", tenant="", type="prompt") > 0
     assert m.total("aiproxy_request_duration_seconds_count") == 0
     assert m.label_values("aiproxy_requests_total", "model") == {"", "gpt-test", "mock-*"}
+    # errors again, by their code
+    assert m.total("aiproxy_errors_total") == 8
+    assert m.value("aiproxy_errors_total", provider="", model="", status="404", code="model_not_found") == 3
+    assert m.value("aiproxy_errors_total", provider="mock", model="mock-*", status="429",
+                   code="rate_limit_exceeded") == 1
+    assert m.value("aiproxy_errors_total", provider="mock", model="mock-*", status="502",
+                   code="upstream_error") == 2
+    assert m.value("aiproxy_errors_total", provider="openai", model="gpt-test", status="400", code="") == 1
 
 
 async def test_wildcard_names_are_series_once_served_and_at_most_max_wildcard_models(gateway):
@@ -319,3 +327,23 @@ def test_the_scrape_token_is_not_in_the_settings_repr():
 def test_scrape_parses_what_it_is_given():  # the helper the assertions above rest on
     m = Scrape('# TYPE a_total counter\na_total{x="1"} 2\na_total{x="2"} 3\n')
     assert m.value("a_total", x="1") == 2 and m.total("a_total") == 5 and m.value("a_total") is None
+
+
+async def test_the_real_cache_and_cost_stages_feed_the_metrics(gateway):
+    cfg = make_config(plugins={"dir": None}, cost={"free_providers": []},
+                      models=[{"name": "mock-*", "provider": "mock", "price": {"input": 1, "output": 2}}])
+    async with gateway(cfg) as (http, _):
+        said = []
+        for _ in range(3):  # temperature 0: cached after the first
+            r = await http.post("/v1/chat/completions", json=hi("mock-a", temperature=0))
+            assert r.status_code == 200
+            said.append(r.headers["x-aiproxy-cache"])
+        first = r.json()["usage"]
+        m = await scrape(http)
+    assert said == ["miss", "hit", "hit"]
+    assert m.value("aiproxy_cache_requests_total", model="mock-a", result="miss") == 1
+    assert m.value("aiproxy_cache_requests_total", model="mock-a", result="hit") == 2
+    # priced once (hits cost 0): input $1 and output $2 per million tokens
+    expected = (first["prompt_tokens"] * 1 + first["completion_tokens"] * 2) / 1e6
+    assert m.value("aiproxy_cost_usd_total", model="mock-a", tenant="") == pytest.approx(expected)
+    assert m.value("aiproxy_cache_hits_total") == 2  # the cache stage's own, through aiproxy_stats

@@ -10,7 +10,7 @@ from typing import Any
 from prometheus_client import CollectorRegistry, generate_latest
 from starlette.datastructures import Headers
 
-from aiproxy.builtin.metrics.instruments import Instruments
+from aiproxy.builtin.metrics.instruments import MAX_ERROR_CODES, Instruments
 from aiproxy.builtin.metrics.settings import MetricsSettings
 from aiproxy.call import Call, Principal, Usage
 from aiproxy.errors import ProxyError
@@ -104,3 +104,18 @@ def test_negative_usage_or_cost_from_upstream_is_not_counted_and_breaks_no_scrap
     assert m.value("aiproxy_tokens_total", model="gpt-4o", tenant="acme", type="completion") == 7
     assert m.value("aiproxy_cost_usd_total", model="gpt-4o", tenant="acme") is None
     assert m.value("aiproxy_requests_total", **LABELS, status="200") == 1
+
+
+def test_error_codes_are_labels_up_to_a_bound_and_odd_ones_are_other():
+    registry = CollectorRegistry()
+    instruments = Instruments(MetricsSettings(), registry)
+    for i in range(MAX_ERROR_CODES + 10):  # an upstream inventing codes
+        instruments.failed(made(latency=0.1), ProxyError(400, "no", code=f"code_{i}"))
+    for code in ("code_0", "Not A Code!", "x" * 65, None):
+        instruments.failed(made(latency=0.1), ProxyError(400, "no", code=code))
+    m = exposed(instruments, registry)
+    codes = m.label_values("aiproxy_errors_total", "code")
+    assert codes == {f"code_{i}" for i in range(MAX_ERROR_CODES)} | {"other", ""}
+    assert m.value("aiproxy_errors_total", **LABELS, status="400", code="code_0") == 2
+    assert m.value("aiproxy_errors_total", **LABELS, status="400", code="other") == 12
+    assert m.total("aiproxy_errors_total") == MAX_ERROR_CODES + 14

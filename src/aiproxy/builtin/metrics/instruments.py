@@ -15,6 +15,7 @@ own series only once an upstream has answered to it, and at most
 
 from __future__ import annotations
 
+import re
 from bisect import bisect_left
 from typing import TYPE_CHECKING
 
@@ -29,6 +30,8 @@ if TYPE_CHECKING:
     from aiproxy.router import Deployment
 
 _OPERATIONS = frozenset(OPERATIONS)
+_CODE = re.compile(r"[a-z0-9_.]{1,64}")
+MAX_ERROR_CODES = 50
 _STATUS = {status: str(status) for status in range(100, 600)}
 #: the cache stage's x-aiproxy-cache values; any other counts as "skip"
 _CACHE_RESULTS = {"hit": "hit", "miss": "miss", "skip": "skip"}
@@ -97,6 +100,9 @@ class Instruments:
         self.requests = counter("aiproxy_requests_total", "Calls answered, by the provider and model that "
                                 "served (or were to serve) them and the HTTP status the client got.",
                                 ("provider", "model", "status"))
+        self.errors = counter("aiproxy_errors_total", "Calls that ended in an error, by its code "
+                              "(rate_limit_exceeded, budget_exceeded, upstream_timeout, ...).",
+                              ("provider", "model", "status", "code"))
         self.tokens = counter("aiproxy_tokens_total", "Tokens sent to and produced by upstreams "
                               "(cache hits excluded).", ("model", "tenant", "type"))
         self.cost = counter("aiproxy_cost_usd_total", "What calls cost in USD, as the cost stage "
@@ -109,12 +115,13 @@ class Instruments:
         self.ttft = histogram("aiproxy_time_to_first_token_seconds", "Seconds from arrival to a stream's "
                               "first chunk (streams answered by an upstream).", ("provider", "model"),
                               settings.ttft_buckets)
-        self._all = (self.requests, self.tokens, self.cost, self.cache, self.latency, self.ttft)
-        self.names = frozenset({"aiproxy_requests_total", "aiproxy_tokens_total", "aiproxy_cost_usd_total",
-                                "aiproxy_cache_requests_total", "aiproxy_request_duration_seconds",
-                                "aiproxy_time_to_first_token_seconds"})
+        self._all = (self.requests, self.errors, self.tokens, self.cost, self.cache, self.latency, self.ttft)
+        self.names = frozenset({"aiproxy_requests_total", "aiproxy_errors_total", "aiproxy_tokens_total",
+                                "aiproxy_cost_usd_total", "aiproxy_cache_requests_total",
+                                "aiproxy_request_duration_seconds", "aiproxy_time_to_first_token_seconds"})
         self.max_wildcard_models = settings.max_wildcard_models
         self._named: set[str] = set()  # names a wildcard entry served under their own label
+        self._codes: set[str] = set()  # error codes seen; an upstream's are its own words
 
     def drain(self) -> None:
         """Hand what calls added since the last time to the Prometheus metrics."""
@@ -150,7 +157,9 @@ class Instruments:
         d = call.deployment
         provider = d.provider.name if d is not None else ""
         model = self.model_label(call, d, served=False)
-        self.requests.add((provider, model, _STATUS.get(error.status) or str(error.status)))
+        status = _STATUS.get(error.status) or str(error.status)
+        self.requests.add((provider, model, status))
+        self.errors.add((provider, model, status, self.code_label(error.code)))
         if not call.cached:
             self._spend(call, model)
             if call.first_byte is not None:
@@ -170,6 +179,18 @@ class Instruments:
             self.cost.add((model, tenant), cost)
 
     # ------------------------------------------------------------ labels
+    def code_label(self, code: str | None) -> str:
+        """An error's code; the gateway's and its plugins' are a few dozen words, but an
+        upstream's 4xx passes its own on: past ``MAX_ERROR_CODES`` distinct ones, "other"."""
+        if not code:
+            return ""
+        if code in self._codes:
+            return code
+        if len(self._codes) < MAX_ERROR_CODES and _CODE.fullmatch(code):
+            self._codes.add(code)
+            return code
+        return "other"
+
     def model_label(self, call: Call, d: Deployment | None, *, served: bool) -> str:
         """The configured name that served the call: no series for a name nobody routes."""
         if d is None:
