@@ -1,1 +1,0 @@
-"""The cache stage (being built; no hooks yet)."""

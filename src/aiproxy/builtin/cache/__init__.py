@@ -1,0 +1,205 @@
+"""The response cache stage: the same request from the same tenant gets the stored answer.
+
+- **Key**: a SHA-256 hash of the caller's scope (its tenant, else its own key id, else
+  "anonymous"), the operation, the upstream model, and the request body less the fields
+  that do not change the answer (:data:`request.IGNORED`: ``user``, ``stream``,
+  ``stream_options``, …), serialised by orjson with sorted keys.
+- **What is cached**: embeddings, and chat/text completions with ``temperature: 0``;
+  other calls only for models that ``cache.models`` marks ``sampled: true``. Errors and
+  streams that were cut short or failed never are.
+- **TTL**: per operation (``cache.ttl``; chat is ``ttl_seconds``), per model
+  (``cache.models.<name>.ttl_seconds``), per request (``x-aiproxy-cache-ttl``).
+- **Per request**: ``Cache-Control: no-cache`` skips the lookup but stores the answer;
+  ``no-store`` does neither. Every answer says ``x-aiproxy-cache: hit|miss|skip``.
+- **Backends**: in process (LRU, ``max_size`` entries, ``max_bytes``), or Redis when
+  ``redis.url`` is set; a Redis failure is a miss, never a failed call.
+
+A hit is the stored answer with its usage (the cost stage prices what it saved) under a
+new ``id``; a streaming request gets it replayed as a stream, and a streamed miss is
+assembled by the gateway and stored once it completed.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass
+from typing import Any
+
+import orjson
+from starlette.applications import Starlette
+
+from aiproxy import hookimpl, wire
+from aiproxy.builtin.cache.backends import Clock, MemoryBackend, RedisBackend
+from aiproxy.builtin.cache.request import TTL_HEADER, cache_key, deterministic, directives, ttl_override
+from aiproxy.builtin.cache.settings import CacheSettings, parse_settings
+from aiproxy.call import Call
+from aiproxy.config import Config
+from aiproxy.provider import Reply
+
+log = logging.getLogger("aiproxy.cache")
+HEADER = "x-aiproxy-cache"
+_TTL_RAW = TTL_HEADER.encode()
+_ANSWER_FIELD = {"chat": "choices", "completion": "choices", "embedding": "data", "image": "data"}
+
+
+@dataclass(slots=True)
+class _Pending:
+    """What lookup decided, for store: where the answer goes and for how long."""
+
+    key: str
+    ttl: float
+
+
+class ResponseCache:
+    def __init__(self, config: Config, *, clock: Clock = time.monotonic) -> None:
+        self.settings: CacheSettings = parse_settings(config)
+        s = self.settings
+        self.redis_url = config.redis_url if s.backend in ("auto", "redis") else None
+        self.redis_prefix = str(config.section("redis").get("prefix") or "aiproxy:")
+        self.memory = MemoryBackend(s.max_size, s.max_bytes, clock)
+        self.redis: RedisBackend | None = None
+        self._clock = clock
+        self.hits = self.misses = self.skips = self.stores = self.too_big = 0
+
+    @property
+    def clock(self) -> Clock:
+        return self._clock
+
+    @clock.setter
+    def clock(self, clock: Clock) -> None:
+        """One clock for expiry and Redis retry (tests move it)."""
+        self._clock = self.memory.clock = clock
+        if self.redis is not None:
+            self.redis.clock = clock
+
+    # ------------------------------------------------------------ lifecycle
+    @hookimpl
+    def aiproxy_startup(self, app: Starlette) -> None:
+        if self.settings.enabled and self.redis_url:
+            try:
+                self.redis = RedisBackend(self.redis_url, self.redis_prefix, self.settings.redis_retry,
+                                          self._clock)
+            except ValueError:  # not a URL redis can use (not logged: it may hold a password)
+                log.warning("cache: redis.url is not a redis:// URL; answers are cached in process")
+
+    @hookimpl
+    async def aiproxy_shutdown(self) -> None:
+        if self.redis is not None:
+            redis, self.redis = self.redis, None
+            await redis.aclose()
+
+    async def settle(self) -> None:
+        """Wait for background Redis writes (tests read back right after a call)."""
+        if self.redis is not None:
+            await self.redis.settle()
+
+    # ------------------------------------------------------------ the stage
+    @hookimpl
+    async def aiproxy_cache_lookup(self, call: Call) -> Reply | None:
+        if not self.settings.enabled:
+            return None
+        control, ttl_header = _asked(call)
+        override = ttl_override(ttl_header, self.settings.max_ttl)  # checked first: a 400
+        no_cache, no_store = directives(control)
+        ttl = self._ttl(call, override)
+        key = None if no_store or ttl is None else cache_key(call)
+        if key is None or ttl is None:
+            self._skip(call)
+            return None
+        call.state["cache"] = _Pending(key, ttl)
+        call.collect = True  # a streamed answer is assembled for store
+        if no_cache:
+            self._skip(call)
+            return None
+        raw = self.memory.get(key) if self.redis is None else await self.redis.get(key)
+        if raw is None:
+            self.misses += 1
+            call.response_headers[HEADER] = "miss"
+            return None
+        self.hits += 1
+        call.response_headers[HEADER] = "hit"
+        return _reply(raw)
+
+    def _ttl(self, call: Call, override: float | None) -> float | None:
+        """How long this call's answer is kept; None when it must not be cached."""
+        op_ttl = self.settings.ttl.get(call.operation)
+        if op_ttl is None:
+            return None  # an operation the cache does not know (a plugin's own)
+        rule = self.settings.rule(call.model)
+        if not (rule.sampled or deterministic(call)):
+            return None
+        return override or rule.ttl or op_ttl
+
+    def _skip(self, call: Call) -> None:
+        self.skips += 1
+        call.response_headers[HEADER] = "skip"
+
+    @hookimpl
+    def aiproxy_cache_store(self, call: Call, reply: Reply) -> None:
+        pending = call.state.get("cache")
+        if not isinstance(pending, _Pending) or call.cached or call.error is not None:
+            return
+        data = reply.data
+        if not data.get(_ANSWER_FIELD.get(call.operation, "choices")):
+            return  # nothing worth replaying (an upstream's empty answer)
+        if "usage" not in data and call.usage is not None:
+            data = {**data, "usage": call.usage.to_openai()}  # a hit must carry usage
+            raw = orjson.dumps(data)
+        else:
+            raw = reply.raw if reply.raw is not None else orjson.dumps(data)
+        if len(raw) > self.settings.max_entry_bytes:
+            self.too_big += 1
+            return
+        self.stores += 1
+        if self.redis is None:
+            self.memory.set(pending.key, raw, pending.ttl)
+        else:
+            self.redis.set(pending.key, raw, pending.ttl)
+
+    # ------------------------------------------------------------ metrics
+    @hookimpl
+    def aiproxy_stats(self) -> dict[str, float]:
+        stats = {
+            "aiproxy_cache_hits_total": float(self.hits),
+            "aiproxy_cache_misses_total": float(self.misses),
+            "aiproxy_cache_skips_total": float(self.skips),
+            "aiproxy_cache_stores_total": float(self.stores),
+            "aiproxy_cache_too_big_total": float(self.too_big),
+        }
+        if self.redis is None:
+            stats["aiproxy_cache_entries"] = float(len(self.memory))
+            stats["aiproxy_cache_bytes"] = float(self.memory.bytes)
+            stats["aiproxy_cache_evictions_total"] = float(self.memory.evictions)
+        else:
+            stats["aiproxy_cache_backend_errors_total"] = float(self.redis.errors)
+            stats["aiproxy_cache_writes_dropped_total"] = float(self.redis.dropped)
+        return stats
+
+
+def _asked(call: Call) -> tuple[str | None, str | None]:
+    """The client's Cache-Control and x-aiproxy-cache-ttl headers, in one pass over the raw
+    list (ASGI names are lower case; two Headers.get calls would be two passes)."""
+    control = ttl = None
+    for name, value in call.headers.raw:
+        if name == b"cache-control":
+            control = value.decode("latin-1")
+        elif name == _TTL_RAW:
+            ttl = value.decode("latin-1")
+    return control, ttl
+
+
+def _reply(raw: bytes) -> Reply:
+    """The stored answer under a new id (one response, one id, for logs and client-side
+    stores); ``created`` stays when the answer was made. An answer without an id
+    (embeddings) goes out as the stored bytes."""
+    data: dict[str, Any] = orjson.loads(raw)
+    old = data.get("id")
+    if not isinstance(old, str):
+        return Reply(data, raw)
+    data["id"] = wire.new_id(old.split("-", 1)[0] if "-" in old else "chatcmpl")
+    return Reply(data)
+
+
+def aiproxy_plugin(config: Config) -> ResponseCache:
+    return ResponseCache(config)

@@ -1,0 +1,135 @@
+"""An in-process gateway for the cache tests: declared keys of two tenants (and keys of
+none), a fake OpenAI upstream (respx) whose every answer is new ("answer 1", "answer 2",
+…) so a hit is told from a second upstream call, and the cache plugin at hand."""
+
+from __future__ import annotations
+
+import itertools
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from dataclasses import dataclass
+from typing import Any
+
+import httpx
+import orjson
+import respx
+
+from aiproxy.app import create_app
+from aiproxy.builtin.cache import ResponseCache
+from aiproxy.config import Config
+from tests.conftest import CHAT, OPENAI_BASE, make_config
+from tests.routing_support import FakeClock
+
+CHAT_URL = f"{OPENAI_BASE}/chat/completions"
+EMBED_URL = f"{OPENAI_BASE}/embeddings"
+KEYS = {  # name → (key, tenant)
+    "a1": ("sk-cache-tenant-a-one-0001", "tenant-a"),
+    "a2": ("sk-cache-tenant-a-two-0002", "tenant-a"),
+    "b1": ("sk-cache-tenant-b-one-0003", "tenant-b"),
+    "solo1": ("sk-cache-no-tenant-one-04", None),
+    "solo2": ("sk-cache-no-tenant-two-05", None),
+}
+DET = {**CHAT, "temperature": 0}  # a deterministic chat: cacheable by default
+EMBED = {"model": "embed-test", "input": "hello"}
+
+
+def config(cache: dict[str, Any] | None = None, **overrides: Any) -> Config:
+    declared = [{"name": name, "key": key, **({"tenant": tenant} if tenant else {})}
+                for name, (key, tenant) in KEYS.items()]
+    return make_config(keys={"declared": declared}, cache=cache or {}, **overrides)
+
+
+def auth(name: str | None) -> dict[str, str]:
+    return {} if name is None else {"authorization": f"Bearer {KEYS[name][0]}"}
+
+
+def chat_answer(text: str, usage: tuple[int, int] = (5, 2)) -> dict[str, Any]:
+    return {"id": "chatcmpl-upstream", "object": "chat.completion", "created": 1700000000,
+            "model": "gpt-4o-mini",
+            "choices": [{"index": 0, "message": {"role": "assistant", "content": text},
+                         "logprobs": None, "finish_reason": "stop"}],
+            "usage": {"prompt_tokens": usage[0], "completion_tokens": usage[1],
+                      "total_tokens": usage[0] + usage[1]}}
+
+
+def chat_stream(text: str) -> bytes:
+    words = text.split(" ")
+    chunks = [{"id": "chatcmpl-s", "object": "chat.completion.chunk", "created": 1700000000,
+               "model": "gpt-4o-mini",
+               "choices": [{"index": 0, "delta": {"content": (" " if i else "") + w},
+                            "finish_reason": None}]} for i, w in enumerate(words)]
+    chunks.append({"id": "chatcmpl-s", "object": "chat.completion.chunk", "created": 1700000000,
+                   "model": "gpt-4o-mini", "choices": [{"index": 0, "delta": {}, "finish_reason": "stop"}]})
+    chunks.append({"id": "chatcmpl-s", "object": "chat.completion.chunk", "created": 1700000000,
+                   "model": "gpt-4o-mini", "choices": [],
+                   "usage": {"prompt_tokens": 5, "completion_tokens": len(words),
+                             "total_tokens": 5 + len(words)}})
+    return b"".join(b"data: " + orjson.dumps(c) + b"\n\n" for c in chunks) + b"data: [DONE]\n\n"
+
+
+@dataclass
+class Gateway:
+    http: httpx.AsyncClient
+    upstream: respx.MockRouter
+    chat: respx.Route  # every call answers "answer <n>", n counting upstream calls
+    embed: respx.Route
+    cache: ResponseCache
+    clock: FakeClock
+
+    async def post(self, body: dict[str, Any], key: str | None = None, path: str = "/v1/chat/completions",
+                   **headers: str) -> httpx.Response:
+        r = await self.http.post(path, json=body, headers={**auth(key), **headers})
+        await self.cache.settle()  # Redis writes run in the background
+        return r
+
+
+def content(r: httpx.Response) -> str:
+    assert r.status_code == 200, r.text
+    return str(r.json()["choices"][0]["message"]["content"])
+
+
+@asynccontextmanager
+async def gateway(cfg: Config, **kwargs: Any) -> AsyncIterator[Gateway]:
+    upstream = respx.MockRouter(assert_all_called=False, using=None)
+    counter = itertools.count(1)
+
+    def answer(request: httpx.Request) -> httpx.Response:
+        n = next(counter)
+        if b'"stream":true' in request.content:
+            return httpx.Response(200, content=chat_stream(f"streamed answer {n}"),
+                                  headers={"content-type": "text/event-stream"})
+        return httpx.Response(200, json=chat_answer(f"answer {n}"))
+
+    chat = upstream.post(CHAT_URL).mock(side_effect=answer)
+    embed = upstream.post(EMBED_URL).mock(side_effect=lambda request: httpx.Response(200, json={
+        "object": "list", "model": "text-embedding-3-small",
+        "data": [{"object": "embedding", "index": 0, "embedding": [0.1 * next(counter), 0.2]}],
+        "usage": {"prompt_tokens": 1, "total_tokens": 1}}))
+    app = create_app(cfg, transport=httpx.MockTransport(upstream.async_handler), **kwargs)
+    async with app.router.lifespan_context(app):
+        plugin = app.state.plugin_manager.get_plugin("cache")
+        clock = FakeClock()
+        plugin.clock = clock
+        async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://proxy") as http:
+            yield Gateway(http, upstream, chat, embed, plugin, clock)
+
+
+async def check_tenant_isolation(g: Gateway) -> None:
+    """Tenant A never gets tenant B's answer; keys of one tenant share; keys of no tenant and
+    anonymous callers each have their own."""
+    first = await g.post(DET, "a1")
+    assert content(first) == "answer 1" and first.headers["x-aiproxy-cache"] == "miss"
+    same_tenant = await g.post(DET, "a2")
+    assert content(same_tenant) == "answer 1" and same_tenant.headers["x-aiproxy-cache"] == "hit"
+    assert g.chat.call_count == 1  # same tenant: the upstream was called once
+    other = await g.post(DET, "b1")
+    assert content(other) == "answer 2" and other.headers["x-aiproxy-cache"] == "miss"
+    assert g.chat.call_count == 2  # two tenants: twice
+    assert content(await g.post(DET, "b1")) == "answer 2"
+    assert content(await g.post(DET, "a1")) == "answer 1"
+    assert content(await g.post(DET, "solo1")) == "answer 3"  # no tenant: the key's own
+    assert content(await g.post(DET, "solo2")) == "answer 4"
+    assert content(await g.post(DET)) == "answer 5"  # anonymous
+    assert [content(await g.post(DET, k)) for k in ("solo1", "solo2", None)] == \
+        ["answer 3", "answer 4", "answer 5"]
+    assert g.chat.call_count == 5

@@ -1,0 +1,122 @@
+"""End to end: the real ``openai`` and ``anthropic`` SDKs against a started ``aiproxy serve``
+with the response cache on (in process), in front of a fake OpenAI upstream (a real HTTP
+server) that records every request it gets, so a hit is one request fewer there."""
+
+from __future__ import annotations
+
+import uuid
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import anthropic
+import openai
+import pytest
+
+from tests.fakes import FakeOpenAI
+from tests.helpers import started_proxy
+
+MASTER_KEY = "sk-gateway-master-cache-e2e"
+OPENAI_KEY = "sk-fake-openai-key-cache"
+
+
+@dataclass
+class Proxy:
+    url: str
+    fake: FakeOpenAI
+    log: Path
+
+
+@pytest.fixture(scope="module")
+def proxy(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Proxy]:
+    tmp = tmp_path_factory.mktemp("cache-e2e")
+    with FakeOpenAI(api_key=OPENAI_KEY) as fake:
+        config = {
+            "server": {"host": "127.0.0.1", "master_key": MASTER_KEY},
+            "plugins": {"dir": None},
+            "providers": {"openai": {"plugin": "openai", "api_base": f"{fake.url}/v1",
+                                     "api_key": OPENAI_KEY}},
+            "models": [{"name": "gpt-fake", "provider": "openai", "model": "gpt-4o-mini"}],
+            "cache": {"ttl_seconds": 600, "max_size": 100},
+        }
+        with started_proxy(config, tmp) as started:
+            yield Proxy(started.url, fake, started.log)
+
+
+@pytest.fixture
+def client(proxy: Proxy) -> Iterator[openai.OpenAI]:
+    with openai.OpenAI(base_url=f"{proxy.url}/v1", api_key=MASTER_KEY, max_retries=0, timeout=15.0) as c:
+        yield c
+
+
+def _messages() -> tuple[str, list[dict[str, Any]]]:
+    marker = f"m{uuid.uuid4().hex[:12]}"
+    return marker, [{"role": "user", "content": f"Tell me something, {marker}"}]
+
+
+def _read(stream: Any) -> tuple[str, Any]:
+    chunks = list(stream)
+    text = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
+    usage = next((c.usage for c in chunks if c.usage is not None), None)
+    return text, usage
+
+
+def test_a_stream_is_stored_then_replayed_as_a_stream(proxy: Proxy, client: openai.OpenAI) -> None:
+    marker, messages = _messages()
+    args: dict[str, Any] = {"model": "gpt-fake", "messages": messages, "temperature": 0, "stream": True,
+                            "stream_options": {"include_usage": True}, "extra_body": {"fake": {"chunks": 9}}}
+    first = client.chat.completions.with_raw_response.create(**args)
+    assert first.headers["x-aiproxy-cache"] == "miss"
+    text, usage = _read(first.parse())
+    assert len(text.split()) == 9
+    again = client.chat.completions.with_raw_response.create(**args)
+    assert again.headers["x-aiproxy-cache"] == "hit"
+    assert again.headers["content-type"].startswith("text/event-stream")
+    replayed, replayed_usage = _read(again.parse())
+    assert replayed == text
+    assert replayed_usage is not None and usage is not None
+    assert replayed_usage.model_dump() == usage.model_dump()
+    whole = client.chat.completions.create(**{**args, "stream": False, "stream_options": None})
+    assert whole.choices[0].message.content == text
+    assert len(proxy.fake.with_text(marker)) == 1  # one upstream call served all three
+
+
+def test_a_stream_the_client_left_is_not_stored(proxy: Proxy, client: openai.OpenAI) -> None:
+    marker, messages = _messages()
+    args: dict[str, Any] = {"model": "gpt-fake", "messages": messages, "temperature": 0, "stream": True,
+                            "extra_body": {"fake": {"chunks": 30, "chunk_delay_ms": 40}}}
+    with client.chat.completions.create(**args) as stream:
+        next(iter(stream))
+    assert proxy.fake.wait_for(lambda r: marker in r.text() and r.disconnected, timeout=10) is not None
+    whole = client.chat.completions.with_raw_response.create(**args)
+    assert whole.headers["x-aiproxy-cache"] == "miss"
+    text, _ = _read(whole.parse())
+    assert len(text.split()) == 30
+    assert len(proxy.fake.with_text(marker)) == 2
+
+
+def test_the_anthropic_sdk_gets_a_cached_answer_rewritten_as_a_message(proxy: Proxy) -> None:
+    marker, _ = _messages()
+    # this SDK has no temperature parameter: a client sends it as an extra field
+    args: dict[str, Any] = {"model": "gpt-fake", "max_tokens": 100, "extra_body": {"temperature": 0},
+                            "messages": [{"role": "user", "content": f"Anthropic asks, {marker}"}]}
+    with anthropic.Anthropic(base_url=proxy.url, api_key=MASTER_KEY, max_retries=0, timeout=15.0) as client:
+        first = client.messages.with_raw_response.create(**args)
+        assert first.headers["x-aiproxy-cache"] == "miss"
+        message = first.parse()
+        hit = client.messages.with_raw_response.create(**args)
+        assert hit.headers["x-aiproxy-cache"] == "hit"
+        cached = hit.parse()
+        assert cached.type == "message" and cached.model == "gpt-fake"
+        assert [b.model_dump() for b in cached.content] == [b.model_dump() for b in message.content]
+        assert cached.usage.input_tokens == message.usage.input_tokens > 0
+        assert cached.usage.output_tokens == message.usage.output_tokens > 0
+        assert cached.id != message.id
+        with client.messages.stream(**args) as stream:  # the same request streamed: replayed
+            final = stream.get_final_message()
+        assert [b.model_dump() for b in final.content] == [b.model_dump() for b in message.content]
+        assert final.stop_reason == message.stop_reason == "end_turn"
+        assert final.usage.output_tokens == message.usage.output_tokens
+    assert len(proxy.fake.with_text(marker)) == 1
+    assert "Traceback" not in proxy.log.read_text()
