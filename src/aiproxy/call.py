@@ -38,7 +38,8 @@ class Usage:
     prompt_tokens: int = 0
     completion_tokens: int = 0
     total_tokens: int = 0
-    cached_tokens: int = 0
+    cached_tokens: int = 0  # of prompt_tokens, read from the provider's prompt cache
+    cache_write_tokens: int = 0  # of prompt_tokens, written to it (Anthropic bills these apart)
 
     @classmethod
     def from_openai(cls, usage: Any) -> Usage | None:

@@ -94,6 +94,7 @@ class ModelConfig:
     extra: dict[str, Any] = field(default_factory=dict)  # keys for stage plugins
     index: int = 0  # position in models:, for messages
     routing: RouteSettings = field(default_factory=RouteSettings)  # id, weight, pool knobs
+    price: dict[str, Any] | None = None  # USD per million tokens (see PRICE_KEYS), for the cost stage
 
 
 @dataclass(slots=True)
@@ -284,6 +285,34 @@ class _Validator:
         return Timeouts(**{k: self.number(value.get(k), f"{path}.{k}", float, minimum=0.001)
                            for k in keys})
 
+    def price(self, value: Any, path: str) -> dict[str, Any] | None:
+        """A model's price, USD per million tokens: ``input`` and ``output`` required,
+        ``cached_input`` / ``cache_write`` optional, ``long_context`` (rates for prompts
+        over its ``threshold`` tokens) optional. Numbers are kept as written."""
+        if value is None:
+            return None
+        data = self.mapping(value, path)
+        self.only(data, path, (*PRICE_KEYS, "long_context"))
+        out: dict[str, Any] = {}
+        for key in PRICE_KEYS:
+            number = self.number(data.get(key), f"{path}.{key}", float, minimum=0)
+            if number is not None:
+                out[key] = data[key]
+            elif key in ("input", "output") and data.get(key) in (None, ""):
+                self.err(f"{path}.{key}", "is required (USD per million tokens; 0 for none)")
+        long = data.get("long_context")
+        if long is not None:
+            ldata = self.mapping(long, f"{path}.long_context")
+            self.only(ldata, f"{path}.long_context", ("threshold", *PRICE_KEYS))
+            if ldata.get("threshold") in (None, ""):
+                self.err(f"{path}.long_context.threshold", "is required (prompt tokens above which "
+                         "these rates apply)")
+            self.number(ldata.get("threshold"), f"{path}.long_context.threshold", int, minimum=1)
+            for key in PRICE_KEYS:
+                self.number(ldata.get(key), f"{path}.long_context.{key}", float, minimum=0)
+            out["long_context"] = {k: v for k, v in ldata.items() if v not in (None, "")}
+        return out
+
     # sections -----------------------------------------------------------
     def config(self, raw: Any, base_dir: Path) -> Config:
         data = self.mapping(raw, "<root>")
@@ -386,7 +415,7 @@ class _Validator:
                 self.err(f"{path}.provider", f"no provider named {provider!r} (providers: {known})")
             if name is not None and name.count("*") > 1:
                 self.err(f"{path}.name", "at most one '*' wildcard is allowed")
-            known_keys = ("name", "provider", "model", "timeout", "options", *ROUTING_KEYS)
+            known_keys = ("name", "provider", "model", "timeout", "options", "price", *ROUTING_KEYS)
             out.append(ModelConfig(
                 name=name or "", provider=provider or "",
                 model=self.string(data.get("model"), f"{path}.model"),
@@ -395,9 +424,19 @@ class _Validator:
                 extra={k: v for k, v in data.items() if k not in known_keys},
                 index=i,
                 routing=parse_routing(self, data, path),
+                price=self.price(data.get("price"), f"{path}.price"),
             ))
         check_models(self, out)
         return out
+
+
+#: the rates a ``price:`` may give, USD per million tokens
+PRICE_KEYS = ("input", "output", "cached_input", "cache_write")
+
+
+def parse_price(value: Any, path: str, errors: list[str]) -> dict[str, Any] | None:
+    """Validate a ``price:`` mapping as a model entry's is (for plugins that take prices)."""
+    return _Validator(errors).price(value, path)
 
 
 def _kind(value: Any) -> str:

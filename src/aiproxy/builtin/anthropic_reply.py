@@ -34,9 +34,10 @@ def read_usage(data: Any) -> Usage:
     """Anthropic usage in OpenAI terms: the prompt counts cache reads and writes too."""
     data = data if isinstance(data, dict) else {}
     read = _int(data.get("cache_read_input_tokens"))
-    prompt = _int(data.get("input_tokens")) + read + _int(data.get("cache_creation_input_tokens"))
+    written = _int(data.get("cache_creation_input_tokens"))
+    prompt = _int(data.get("input_tokens")) + read + written
     completion = _int(data.get("output_tokens"))
-    return Usage(prompt, completion, prompt + completion, read)
+    return Usage(prompt, completion, prompt + completion, read, written)
 
 
 def openai_usage(u: Usage) -> dict[str, Any]:
