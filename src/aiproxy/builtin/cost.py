@@ -1,1 +1,0 @@
-"""The cost stage (being built; no hooks yet)."""

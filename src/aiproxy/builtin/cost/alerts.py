@@ -1,0 +1,166 @@
+"""Spend per tenant per month (UTC), and one alert when it crosses the threshold.
+
+Spend is counted in integer nano-dollars (each call's exact cost rounded to the nearest
+nano-dollar, then summed without float drift). Without Redis the running totals
+live in this process. With Redis, calls add to a local batch that a background task
+flushes every ``flush_interval`` seconds (one pipeline of INCRBY for all tenants, so a
+call never waits on Redis); the flush learns the shared total, and the replica whose
+``SET NX`` on the tenant's mark for the period succeeds sends the alert: one alert per
+tenant per period however many replicas there are. An alert is sent off the response
+path; a failure is logged and counted, never the caller's problem, and is not retried
+later in the period.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import datetime as dt
+import logging
+from collections.abc import Callable
+from decimal import Decimal
+from typing import Any
+
+from aiproxy.builtin.cost.notifiers import Alert, AlertStats, Notifiers
+
+log = logging.getLogger("aiproxy.cost")
+NANO = Decimal(1_000_000_000)
+MARK_TTL = 62 * 24 * 3600  # seconds: a period's keys outlive it, then go
+
+
+def utcnow() -> dt.datetime:
+    return dt.datetime.now(dt.UTC)
+
+
+def period_of(now: dt.datetime) -> str:
+    return f"{now.year:04d}-{now.month:02d}"
+
+
+class Spend:
+    """Running spend per tenant in the current period, and the once-per-period mark."""
+
+    def __init__(self, threshold: Decimal, notifiers: Notifiers, *, redis_url: str | None = None,
+                 prefix: str = "aiproxy:", flush_interval: float = 1.0) -> None:
+        self.threshold = threshold
+        self.limit = int(threshold * NANO)  # nano-dollars
+        self.notifiers = notifiers
+        self.now: Callable[[], dt.datetime] = utcnow
+        self.stats = AlertStats()
+        self.flush_interval = flush_interval
+        self.prefix = f"{prefix}cost:"
+        self.redis: Any = None
+        if redis_url:
+            from redis.asyncio import Redis
+
+            try:
+                self.redis = Redis.from_url(redis_url, socket_connect_timeout=1.0, socket_timeout=1.0)
+            except ValueError:  # not a URL redis can use (not logged: it may hold a password)
+                log.warning("cost: redis.url is not a redis:// URL; spend totals stay in process")
+        self.totals: dict[tuple[str, str], int] = {}  # in process: (tenant, period) → nanos
+        self.pending: dict[tuple[str, str], int] = {}  # with Redis: not yet flushed
+        self.marked: set[tuple[str, str]] = set()  # alerted (here or, with Redis, anywhere)
+        self._period = ""
+        self._tasks: set[asyncio.Task[None]] = set()
+        self._flusher: asyncio.Task[None] | None = None
+        self._failing = False
+
+    # ------------------------------------------------------------ per call (sync, in memory)
+    def add(self, tenant: str, nanos: int) -> None:
+        """Count ``nanos`` (USD x 10**9) to ``tenant`` in the current period."""
+        if nanos <= 0:
+            return
+        now = self.now()
+        period = period_of(now)
+        if period != self._period:  # a new month: last month's state can go
+            self._period = period
+            self.marked = {k for k in self.marked if k[1] == period}
+            self.totals = {k: v for k, v in self.totals.items() if k[1] == period}
+        key = (tenant, period)
+        if self.redis is not None:
+            self.pending[key] = self.pending.get(key, 0) + nanos
+            return
+        total = self.totals[key] = self.totals.get(key, 0) + nanos
+        if total >= self.limit and key not in self.marked:
+            self.marked.add(key)
+            self._alert(Alert(tenant, period, Decimal(total) / NANO, self.threshold, now))
+
+    def _alert(self, alert: Alert) -> None:
+        task = asyncio.get_running_loop().create_task(self.notifiers.send(alert, self.stats))
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    # ------------------------------------------------------------ Redis batches
+    def start(self) -> None:
+        if self.redis is not None and self._flusher is None:
+            self._flusher = asyncio.get_running_loop().create_task(self._flush_every())
+
+    async def _flush_every(self) -> None:
+        while True:
+            await asyncio.sleep(self.flush_interval)
+            try:
+                await self.flush()
+            except Exception:  # a bug must not stop the flushing for good
+                log.exception("cost: flushing spend totals failed")
+
+    async def flush(self) -> None:
+        """Add the batch to the shared totals; alert for a tenant that crossed (once)."""
+        if self.redis is None or not self.pending:
+            return
+        batch, self.pending = self.pending, {}
+        keys = list(batch)
+        try:
+            async with self.redis.pipeline(transaction=False) as pipe:
+                for tenant, period in keys:
+                    name = f"{self.prefix}spend:{period}:{tenant}"
+                    pipe.incrby(name, batch[(tenant, period)])
+                    pipe.expire(name, MARK_TTL)
+                replies = await pipe.execute()
+        except Exception as exc:  # Redis down: keep the batch for the next flush, lose nothing
+            for key, nanos in batch.items():
+                self.pending[key] = self.pending.get(key, 0) + nanos
+            self._failed(exc)
+            return
+        for i, (tenant, period) in enumerate(keys):
+            total = int(replies[2 * i])
+            if total < self.limit or (tenant, period) in self.marked:
+                continue
+            try:  # the replica that sets the mark sends the alert
+                won = await self.redis.set(f"{self.prefix}alerted:{period}:{tenant}", "1",
+                                           nx=True, ex=MARK_TTL)
+            except Exception as exc:  # not marked: the tenant's next flush tries again
+                self._failed(exc)
+                return
+            self.marked.add((tenant, period))
+            if won:
+                self._alert(Alert(tenant, period, Decimal(total) / NANO, self.threshold, self.now()))
+        if self._failing:
+            self._failing = False
+            log.info("cost: Redis is back; spend totals flushed")
+
+    def _failed(self, exc: Exception) -> None:
+        self.stats.backend_errors += 1
+        if not self._failing:
+            self._failing = True
+            log.warning("cost: Redis unavailable for spend totals (%s); keeping them until it "
+                        "is back", type(exc).__name__)
+
+    async def aclose(self, wait: float = 15.0) -> None:
+        if self._flusher is not None:
+            self._flusher.cancel()
+            await asyncio.gather(self._flusher, return_exceptions=True)
+            self._flusher = None
+        await self.flush()
+        if self.pending:
+            log.warning("cost: Redis unavailable at shutdown; the spend of %d tenant(s) since the last "
+                        "flush is not in the shared totals", len(self.pending))
+        if self._tasks:
+            _, late = await asyncio.wait(set(self._tasks), timeout=wait)
+            for task in late:
+                task.cancel()
+        await self.notifiers.aclose()
+        if self.redis is not None:
+            await self.redis.aclose()
+
+    async def settled(self) -> None:
+        """Wait for the alerts being sent (tests)."""
+        while self._tasks:
+            await asyncio.gather(*self._tasks, return_exceptions=True)
