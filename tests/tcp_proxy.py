@@ -19,6 +19,8 @@ import threading
 from types import TracebackType
 from urllib.parse import urlsplit
 
+_DEFAULT_PORTS = {"redis": 6379, "rediss": 6379, "postgresql": 5432, "postgres": 5432}
+
 
 class TcpProxy:
     def __init__(self, target_port: int, target_host: str = "127.0.0.1") -> None:
@@ -32,9 +34,13 @@ class TcpProxy:
 
     @classmethod
     def for_url(cls, url: str) -> TcpProxy:
-        """A proxy for the host and port of ``url`` (redis://…, postgresql+asyncpg://…)."""
+        """A proxy for the host and port of ``url`` (redis://…, postgresql+asyncpg://…); a URL
+        without a port means the scheme's default one."""
         parts = urlsplit(url)
-        return cls(parts.port or 0, parts.hostname or "127.0.0.1")
+        port = parts.port or _DEFAULT_PORTS.get(parts.scheme.split("+")[0])
+        if port is None:
+            raise ValueError(f"no port in {parts.scheme}://… and no default port for that scheme")
+        return cls(port, parts.hostname or "127.0.0.1")
 
     def url(self, original: str) -> str:
         """``original`` with its port replaced by this proxy's."""

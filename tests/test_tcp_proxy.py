@@ -115,19 +115,20 @@ def test_restore_forwards_again_on_the_same_port(direct):
 def test_a_cut_ends_the_forwarding_threads():
     import threading
 
-    def forwarding() -> int:
-        return sum(1 for t in threading.enumerate() if t.name.startswith("tcp-proxy"))
-
-    baseline = forwarding()
     with TcpProxy.for_url(REDIS_URL or "") as proxy:
+        def forwarding() -> int:
+            return sum(1 for t in threading.enumerate() if t.name.startswith(f"tcp-proxy-{proxy.port}-"))
+
         socks = [socket.create_connection(("127.0.0.1", proxy.port), timeout=5) for _ in range(3)]
-        for sock in socks:
-            assert command(sock, "PING") == b"+PONG\r\n"
-        assert forwarding() == baseline + 1 + 2 * 3  # the listener, two pumps a connection
-        proxy.cut()
-        assert eventually(lambda: forwarding() == baseline)
-        for sock in socks:
-            sock.close()
+        try:
+            for sock in socks:
+                assert command(sock, "PING") == b"+PONG\r\n"
+            assert forwarding() == 1 + 2 * 3  # the listener, two pumps a connection
+            proxy.cut()
+            assert eventually(lambda: forwarding() == 0)
+        finally:
+            for sock in socks:
+                sock.close()
 
 
 def test_url_keeps_everything_but_the_port():
@@ -136,7 +137,12 @@ def test_url_keeps_everything_but_the_port():
         assert proxy.url("redis://:secret@127.0.0.1:6379/15") == f"redis://:secret@127.0.0.1:{proxy.port}/15"
         assert proxy.url("postgresql+asyncpg://postgres@127.0.0.1:5432/test") == \
             f"postgresql+asyncpg://postgres@127.0.0.1:{proxy.port}/test"
-        assert TcpProxy.for_url("redis://127.0.0.1:6380/0").target == ("127.0.0.1", 6380)
         proxy.close()
+        for url, port in (("redis://127.0.0.1:6380/0", 6380), ("redis://localhost/0", 6379),
+                          ("postgresql+asyncpg://postgres@127.0.0.1/test", 5432)):
+            with TcpProxy.for_url(url) as other:
+                assert other.target[1] == port
+        with pytest.raises(ValueError, match="no default port"):
+            TcpProxy.for_url("http://127.0.0.1/x")
     finally:
         proxy.close()
