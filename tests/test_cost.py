@@ -415,3 +415,19 @@ def test_the_shipped_config_reads_the_alert_settings_from_the_environment():
     assert n.smtp is not None and (n.smtp.host, n.smtp.port, n.smtp.starttls) == ("smtp.x.test", 587, True)
     assert (n.smtp.username, n.smtp.password) == ("mailer", "pw-from-env")
     assert CostStage(load_config(root / "config.yaml", env={"AI_COST_ALERT_THRESHOLD": "0"})).spend is None
+
+
+async def test_with_the_real_cache_a_repeat_costs_0_and_saves_what_the_first_cost(gateway):
+    cfg = config(MODELS, cache={})  # the cache stage, in process, its defaults
+    usage = {"prompt_tokens": 1000, "completion_tokens": 200, "total_tokens": 1200}
+    finished = Finished()
+    async with gateway(cfg, plugin_manager=with_plugins(cfg, finished=finished)) as (http, upstream):
+        route = upstream.post(CHAT_URL).respond(200, json=openai_answer(usage))
+        body = {**CHAT, "temperature": 0}
+        first = await http.post("/v1/chat/completions", json=body)
+        again = await http.post("/v1/chat/completions", json=body)
+    assert route.call_count == 1
+    assert (first.headers["x-aiproxy-cache"], again.headers["x-aiproxy-cache"]) == ("miss", "hit")
+    # 1000 x 0.15 + 200 x 0.60 = 270 per million
+    assert (first.headers["x-aiproxy-cost"], again.headers["x-aiproxy-cost"]) == ("0.00027", "0")
+    assert finished.calls[1].metadata["cost_saved"] == 0.00027
