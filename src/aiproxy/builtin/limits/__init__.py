@@ -33,6 +33,8 @@ from aiproxy.errors import ProxyError
 log = logging.getLogger("aiproxy.limits")
 STATE = "limits"  # call.state key of a call's token reservation
 REMIND_EVERY = 60.0  # seconds between "still unreachable" log lines
+MAX_MADE = 50_000  # counters whose fixed parts are kept between calls
+_Made = tuple[Rule | None, str, str]  # a counter's request rule, token counter key, label
 
 
 @dataclass(slots=True)
@@ -50,6 +52,7 @@ class Limits:
         self.prefix = f"{config.section('redis').get('prefix') or 'aiproxy:'}limits:"
         self.clock = clock
         self.local = LocalStore(clock)
+        self._made: dict[tuple[str, str, str | None, Rate], _Made] = {}
         self.remote: RedisStore | None = None
         if self.active and config.redis_url:
             try:
@@ -72,7 +75,7 @@ class Limits:
         tier = s.anonymous_tier if principal.kind == "anonymous" else principal.tier or s.default_tier
         rate = s.tiers.get(tier) if tier else None
         rules: list[Rule] = []
-        cost: list[int] = []  # the token estimate, worked out once if a token limit needs it
+        cost = 0  # the token estimate, worked out once if a token limit needs it
         for scope in s.scopes:
             ident = principal.id if scope == "key" else principal.user if scope == "user" \
                 else principal.tenant
@@ -81,22 +84,39 @@ class Limits:
             mine = rate
             if scope == "key" and OVERRIDE in principal.metadata:
                 mine = key_override(principal.metadata, rate, s.window)
-            if mine is not None:
-                self._add(rules, call, cost, f"{scope}:{ident}", mine, _label(principal, scope, ident, tier))
+            if mine is None:
+                continue
+            made = self._made.get((scope, ident, tier, mine))
+            if made is None:
+                made = self._make(f"{scope}:{ident}", mine, _label(principal, scope, ident, tier),
+                                  (scope, ident, tier, mine))
+            cost = self._append(rules, made, mine, call, cost)
         model = s.models.get(call.model)
         if model is not None:
-            self._add(rules, call, cost, f"model:{call.model}", model, f"model '{call.model}'")
+            made = self._made.get(("model", call.model, None, model))
+            if made is None:
+                made = self._make(f"model:{call.model}", model, f"model '{call.model}'",
+                                  ("model", call.model, None, model))
+            self._append(rules, made, model, call, cost)
         return rules
 
-    def _add(self, rules: list[Rule], call: Call, cost: list[int], counter: str, rate: Rate,
-             label: str) -> None:
+    def _make(self, counter: str, rate: Rate, label: str, key: tuple[str, str, str | None, Rate]) -> _Made:
+        """The parts of one counter's rules that do not change from call to call."""
+        if len(self._made) >= MAX_MADE:
+            self._made.clear()
+        requests = None
         if rate.requests:
-            rules.append(Rule(f"{self.prefix}{counter}:r", "requests", rate.requests, rate.window, 1, label))
+            requests = Rule(f"{self.prefix}{counter}:r", "requests", rate.requests, rate.window, 1, label)
+        made = self._made[key] = (requests, f"{self.prefix}{counter}:t", label)
+        return made
+
+    def _append(self, rules: list[Rule], made: _Made, rate: Rate, call: Call, cost: int) -> int:
+        if made[0] is not None:
+            rules.append(made[0])
         if rate.tokens_per_minute:
-            if not cost:
-                cost.append(self.estimate(call))
-            rules.append(Rule(f"{self.prefix}{counter}:t", "tokens", rate.tokens_per_minute, 60.0,
-                              cost[0], label))
+            cost = cost or self.estimate(call)
+            rules.append(Rule(made[1], "tokens", rate.tokens_per_minute, 60.0, cost, made[2]))
+        return cost
 
     def estimate(self, call: Call) -> int:
         """Tokens the call may use: its prompt plus the output it may ask for."""

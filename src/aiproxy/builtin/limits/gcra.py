@@ -24,20 +24,22 @@ Clock = Callable[[], float]
 EPSILON = 1e-6  # seconds: float slack, so exactly `limit` units fit in one window
 
 
-@dataclass(frozen=True, slots=True)
 class Rule:
-    """One limit one call touches."""
+    """One limit one call touches (a plain slotted class: built per call, so kept cheap)."""
 
-    key: str  # the counter: "<prefix>limits:key:<id>:r"
-    kind: str  # "requests" or "tokens"
-    limit: int  # units per window
-    window: float  # seconds
-    cost: int  # units this call takes
-    label: str  # who, for messages: "key 'k1' (tier free)"
+    __slots__ = ("key", "kind", "limit", "window", "cost", "label", "period")
 
-    @property
-    def period(self) -> float:
-        return self.window / self.limit
+    def __init__(self, key: str, kind: str, limit: int, window: float, cost: int, label: str) -> None:
+        self.key = key  # the counter: "<prefix>limits:key:<id>:r"
+        self.kind = kind  # "requests" or "tokens"
+        self.limit = limit  # units per window
+        self.window = window  # seconds
+        self.cost = cost  # units this call takes
+        self.label = label  # who, for messages: "key 'k1' (tier free)"
+        self.period = window / limit  # the emission interval T
+
+    def __repr__(self) -> str:
+        return f"Rule({self.key!r}, {self.kind}, {self.limit}/{self.window:g}s, cost={self.cost})"
 
 
 @dataclass(slots=True)
@@ -62,10 +64,14 @@ class LocalStore:
     def take(self, rules: Sequence[Rule]) -> Verdict:
         now = self.clock()
         tats = self.tats
-        before = [max(tats.get(r.key, now), now) for r in rules]
+        before = []
         failed, wait = -1, 0.0
         for i, rule in enumerate(rules):
-            over = before[i] + rule.cost * rule.period - now - rule.window
+            tat = tats.get(rule.key, now)
+            if tat < now:
+                tat = now
+            before.append(tat)
+            over = tat + rule.cost * rule.period - now - rule.window
             if over > EPSILON and over > wait:
                 failed, wait = i, over
         if failed >= 0:
@@ -124,7 +130,11 @@ def headers(rules: Sequence[Rule], ahead: Sequence[float]) -> dict[str, str]:
             best[rule.kind] = (room, left, rule)
     out = {}
     for kind, (room, left, rule) in best.items():
-        out[f"x-ratelimit-limit-{kind}"] = str(rule.limit)
-        out[f"x-ratelimit-remaining-{kind}"] = str(room)
-        out[f"x-ratelimit-reset-{kind}"] = duration(max(0.0, left))
+        out[_NAMES[kind][0]] = str(rule.limit)
+        out[_NAMES[kind][1]] = str(room)
+        out[_NAMES[kind][2]] = duration(left)
     return out
+
+
+_NAMES = {kind: (f"x-ratelimit-limit-{kind}", f"x-ratelimit-remaining-{kind}", f"x-ratelimit-reset-{kind}")
+          for kind in ("requests", "tokens")}
