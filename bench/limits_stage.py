@@ -74,9 +74,9 @@ async def main() -> None:
     requests = {"tiers": {"pro": {"requests": BIG}}}
     both = {"tiers": {"pro": {"requests": BIG, "tokens_per_minute": BIG}},
             "models": {"gpt-4o-mini": {"requests": BIG, "tokens_per_minute": BIG}}}
-    print(f"requests only, 3 counters:       {await best(plugin(requests), args.calls, args.repeat):7.2f} µs/call")
-    print(f"requests + tokens, 8 counters:   {await best(plugin(both), args.calls, args.repeat):7.2f} µs/call")
-    print(f"no limits configured:            {await best(plugin({}), args.calls, args.repeat):7.2f} µs/call")
+    for name, limits in (("requests only, 3 counters:", requests), ("requests + tokens, 8 counters:", both),
+                         ("no limits configured:", {})):
+        print(f"{name:33}{await best(plugin(limits), args.calls, args.repeat):7.2f} µs/call")
     if args.redis:
         prefix = f"bench-{uuid.uuid4().hex[:8]}:"
         shared = plugin(both, {"url": args.redis, "prefix": prefix})

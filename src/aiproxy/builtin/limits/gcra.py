@@ -27,7 +27,7 @@ EPSILON = 1e-6  # seconds: float slack, so exactly `limit` units fit in one wind
 class Rule:
     """One limit one call touches (a plain slotted class: built per call, so kept cheap)."""
 
-    __slots__ = ("key", "kind", "limit", "window", "cost", "label", "period")
+    __slots__ = ("cost", "key", "kind", "label", "limit", "period", "window")
 
     def __init__(self, key: str, kind: str, limit: int, window: float, cost: int, label: str) -> None:
         self.key = key  # the counter: "<prefix>limits:key:<id>:r"
