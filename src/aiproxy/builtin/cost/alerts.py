@@ -59,6 +59,7 @@ class Spend:
         self.pending: dict[tuple[str, str], int] = {}  # with Redis: not yet flushed
         self.marked: set[tuple[str, str]] = set()  # alerted (here or, with Redis, anywhere)
         self._period = ""
+        self._year = self._month = 0
         self._tasks: set[asyncio.Task[None]] = set()
         self._flusher: asyncio.Task[None] | None = None
         self._failing = False
@@ -69,11 +70,12 @@ class Spend:
         if nanos <= 0:
             return
         now = self.now()
-        period = period_of(now)
-        if period != self._period:  # a new month: last month's state can go
-            self._period = period
+        if now.month != self._month or now.year != self._year:  # a new month: last month's state can go
+            self._year, self._month = now.year, now.month
+            self._period = period = period_of(now)
             self.marked = {k for k in self.marked if k[1] == period}
             self.totals = {k: v for k, v in self.totals.items() if k[1] == period}
+        period = self._period
         key = (tenant, period)
         if self.redis is not None:
             self.pending[key] = self.pending.get(key, 0) + nanos
