@@ -31,7 +31,7 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("aiproxy.database")
 MIGRATIONS = Path(__file__).resolve().parent / "migrations"
-HEAD = "0001"  #: the newest revision in migrations/versions
+HEAD = "0002"  #: the newest revision in migrations/versions
 _LOCK_ID = 0x61697078  # "aipx": the advisory lock replicas take while migrating
 
 

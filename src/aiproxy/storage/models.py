@@ -162,9 +162,13 @@ class UsageLog(Base):
         Index("ix_usage_logs_tenant_created", "tenant_id", "created_at"),
         Index("ix_usage_logs_key_created", "key_id", "created_at"),
         Index("ix_usage_logs_user_created", "user_id", "created_at"),
+        # one row per call even when a batch is written twice (a commit whose answer was
+        # lost, a spool replayed after a crash): inserts skip a uid already present
+        Index("ix_usage_logs_uid", "uid", unique=True),
     )
 
     id: Mapped[int] = mapped_column(BigId, primary_key=True, autoincrement=True)
+    uid: Mapped[str | None] = mapped_column(String(32))  # set by the usage stage; NULL before 0002
     created_at: Mapped[dt.datetime] = mapped_column(default=utcnow, index=True)
     request_id: Mapped[str | None] = mapped_column(String(128))
     provider: Mapped[str | None] = mapped_column(String(100))

@@ -1,1 +1,0 @@
-"""The usage stage (being built; no hooks yet)."""

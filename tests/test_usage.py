@@ -1,0 +1,233 @@
+"""The usage stage in process: one exact row per call, errors with their status and no
+secret, batches written at shutdown, a full queue spooled (never blocking, never
+dropping), a batch written twice still one row, and no database: off with one line."""
+
+from __future__ import annotations
+
+import logging
+import re
+from pathlib import Path
+from typing import Any
+
+import orjson
+import pytest
+
+from aiproxy import hookimpl
+from aiproxy.app import create_app
+from aiproxy.builtin.usage import rows as usage_rows
+from aiproxy.builtin.usage.spool import Spool
+from aiproxy.builtin.usage.writer import Writer
+from aiproxy.call import Call
+from aiproxy.plugins import PluginError
+from aiproxy.storage.db import create_engine
+from aiproxy.storage.keys import KeyStore
+from tests.conftest import make_config
+from tests.helpers import CHAT_URL, KEY, with_plugins
+from tests.usage_support import MOCK_CHAT, count, rows, usage_config, wait_for
+
+MASTER = "mk-usage-master-key-0123456789"
+QUIET = {"flush_interval": 3600, "batch_size": 100_000}  # nothing written before shutdown
+
+
+class FixedCost:
+    """Stands in for the cost stage (it runs before the usage stage in after-call)."""
+
+    @hookimpl
+    def aiproxy_after_call(self, call: Call) -> None:
+        call.cost = 0.00042
+
+
+async def test_a_call_is_one_row_with_every_field(gateway: Any, migrated_url: str, tmp_path: Path) -> None:
+    engine = create_engine(migrated_url)
+    try:
+        store = KeyStore(engine)
+        tenant = await store.create_tenant("acme")
+        user = await store.create_user(tenant_id=tenant.id, email="a@acme.test")
+        secret, key = await store.create_key(user_id=user.id)
+    finally:
+        await engine.dispose()
+    cfg = usage_config(migrated_url, tmp_path / "spool")
+    async with gateway(cfg, plugin_manager=with_plugins(cfg, fixed_cost=FixedCost())) as (http, _):
+        r = await http.post("/v1/chat/completions", json=MOCK_CHAT,
+                            headers={"authorization": f"Bearer {secret}", "x-request-id": "req-fields-1"})
+        assert r.status_code == 200, r.text
+    (row,) = await rows(migrated_url)
+    usage = r.json()["usage"]
+    assert re.fullmatch(r"[0-9a-f]{32}", row["uid"])
+    assert {k: row[k] for k in ("request_id", "provider", "model", "operation", "user_id", "tenant_id",
+                                "key_id", "prompt_tokens", "completion_tokens", "total_tokens", "cost",
+                                "currency", "cached", "status", "error")} == {
+        "request_id": "req-fields-1", "provider": "mock", "model": "mock-gpt", "operation": "chat",
+        "user_id": user.id, "tenant_id": tenant.id, "key_id": key.id,
+        "prompt_tokens": usage["prompt_tokens"], "completion_tokens": usage["completion_tokens"],
+        "total_tokens": usage["total_tokens"], "cost": 0.00042, "currency": "USD", "cached": False,
+        "status": 200, "error": None}
+    assert usage["completion_tokens"] == 12  # the mock's default, so the comparison means something
+    assert isinstance(row["latency_ms"], int) and row["latency_ms"] >= 0
+    meta = row["metadata"]
+    assert meta["deployment"] == r.headers["x-aiproxy-deployment"]
+    assert [a["status"] for a in meta["attempts"]] == [200]
+    assert meta["upstream_model"] == "mock-gpt"
+    assert "usage_estimated" not in meta and "principal" not in meta  # a virtual key's call
+    assert row["created_at"].tzinfo is not None
+
+
+async def test_errors_are_logged_with_their_status_and_never_a_secret(
+        gateway: Any, migrated_url: str, tmp_path: Path) -> None:
+    cfg = usage_config(migrated_url, tmp_path / "spool", sections={"server": {"master_key": MASTER}})
+    bogus = "sk-" + "x" * 43  # shaped like a virtual key, unknown
+    async with gateway(cfg) as (http, upstream):
+        upstream.post(CHAT_URL).respond(400, json={"error": {
+            "message": f"Incorrect API key provided: {KEY}. Authorization: Bearer {KEY}",
+            "type": "invalid_request_error"}})
+        refused = await http.post("/v1/chat/completions", json={**MOCK_CHAT, "model": "gpt-test"},
+                                  headers={"authorization": f"Bearer {MASTER}", "x-request-id": "up-1"})
+        unknown = await http.post("/v1/chat/completions", json=MOCK_CHAT,
+                                  headers={"authorization": f"Bearer {bogus}", "x-request-id": "auth-1"})
+        missing = await http.post("/v1/chat/completions", json={**MOCK_CHAT, "model": "no-such"},
+                                  headers={"authorization": f"Bearer {MASTER}", "x-request-id": "model-1"})
+    assert (refused.status_code, unknown.status_code, missing.status_code) == (400, 401, 404)
+    by_id = {row["request_id"]: row for row in await rows(migrated_url)}
+    assert set(by_id) == {"up-1", "auth-1", "model-1"}
+    assert by_id["up-1"]["status"] == 400 and by_id["up-1"]["provider"] == "openai"
+    assert by_id["up-1"]["metadata"]["principal"] == "master" and by_id["up-1"]["key_id"] is None
+    assert by_id["auth-1"]["status"] == 401 and by_id["auth-1"]["error"]
+    assert by_id["auth-1"]["metadata"]["error_code"] == "invalid_api_key"
+    assert by_id["model-1"]["status"] == 404 and "no-such" in by_id["model-1"]["error"]
+    dump = repr(list(by_id.values()))
+    for secret in (KEY, bogus, MASTER):
+        assert secret not in dump
+
+
+def test_error_messages_are_scrubbed_of_anything_shaped_like_a_key() -> None:
+    message = ("upstream said: invalid key sk-proj-abcdefghijklmnop, Bearer abc.def-ghi_jkl, "
+               "url ?key=AIzaSyA1234567890abcdefghijk&x=1 and api_key=hunter2hunter2")
+    clean = usage_rows.scrub(message)
+    for secret in ("sk-proj-abcdefghijklmnop", "abc.def-ghi_jkl", "AIzaSyA1234567890abcdefghijk",
+                   "hunter2hunter2"):
+        assert secret not in clean
+    assert clean.startswith("upstream said: invalid key [redacted]")
+    assert len(usage_rows.scrub("e" * 10_000)) == usage_rows.MAX_ERROR
+
+
+async def test_rows_wait_in_memory_and_shutdown_writes_them_in_order(
+        gateway: Any, migrated_url: str, tmp_path: Path) -> None:
+    cfg = usage_config(migrated_url, tmp_path / "spool", **QUIET)
+    async with gateway(cfg) as (http, _):
+        for i in range(30):
+            r = await http.post("/v1/chat/completions", json=MOCK_CHAT,
+                                headers={"x-request-id": f"s-{i:03d}"})
+            assert r.status_code == 200
+        assert await count(migrated_url) == 0  # no database write on the response path
+    written = await rows(migrated_url)
+    assert [row["request_id"] for row in written] == [f"s-{i:03d}" for i in range(30)]
+    assert not (tmp_path / "spool").exists()  # no spool was ever needed
+
+
+async def test_a_full_queue_goes_to_the_spool_without_losing_or_reordering(
+        gateway: Any, migrated_url: str, tmp_path: Path) -> None:
+    spool = tmp_path / "spool"
+    cfg = usage_config(migrated_url, spool, max_queue=5, **QUIET)
+    async with gateway(cfg) as (http, _):
+        app_usage = None
+        for i in range(23):
+            r = await http.post("/v1/chat/completions", json=MOCK_CHAT,
+                                headers={"x-request-id": f"q-{i:03d}"})
+            assert r.status_code == 200
+            app_usage = app_usage or http._transport.app.state.usage  # type: ignore[attr-defined]
+        # 5 queued, the 6th finds the queue full: those 6 go to the spool; three times over
+        spooled = [orjson.loads(line)["request_id"] for line in spool.read_bytes().splitlines()]
+        assert spooled == [f"q-{i:03d}" for i in range(18)]
+        assert [captured[1] for captured in app_usage.queue] == [f"q-{i:03d}" for i in range(18, 23)]
+        stats = app_usage.aiproxy_stats()
+        assert stats["aiproxy_usage_rows_spooled_total"] == 18
+        assert stats["aiproxy_usage_queue_rows"] == 5
+        assert stats["aiproxy_usage_rows_dropped_total"] == 0
+    written = await rows(migrated_url)
+    assert [row["request_id"] for row in written] == [f"q-{i:03d}" for i in range(23)]
+    assert not spool.exists()  # replayed, then deleted
+
+
+def _row(i: int) -> dict[str, Any]:
+    return usage_rows.from_spool({"uid": f"{i:032x}", "request_id": f"w-{i:03d}", "model": "m",
+                                  "operation": "chat", "status": 200, "total_tokens": i})
+
+
+async def test_a_batch_written_twice_is_still_one_row_per_call(migrated_url: str, tmp_path: Path,
+                                                               gateway: Any) -> None:
+    """A commit whose acknowledgement was lost gets spooled and replayed: no duplicate."""
+    engine = create_engine(migrated_url)
+    try:
+        writer = Writer(engine, timeout=10)
+        await writer.write([_row(i) for i in range(10)])
+        await writer.write([_row(i) for i in range(5, 15)])  # half of it is in already
+    finally:
+        await engine.dispose()
+    assert [row["request_id"] for row in await rows(migrated_url)] == [f"w-{i:03d}" for i in range(15)]
+    # the same rows again, from a spool left by a process that never heard back
+    spool = tmp_path / "spool"
+    spool.write_bytes(b"".join(orjson.dumps(_row(i)) + b"\n" for i in range(10, 20)))
+    async with gateway(usage_config(migrated_url, spool)) as (http, _):
+        r = await http.post("/v1/chat/completions", json=MOCK_CHAT, headers={"x-request-id": "after"})
+        assert r.status_code == 200
+    written = [row["request_id"] for row in await rows(migrated_url)]
+    assert written == [f"w-{i:03d}" for i in range(20)] + ["after"]
+    assert [row["total_tokens"] for row in (await rows(migrated_url))[:20]] == list(range(20))
+
+
+async def test_without_a_database_the_stage_is_off_with_one_line(gateway: Any,
+                                                                 caplog: pytest.LogCaptureFixture) -> None:
+    caplog.set_level(logging.INFO, logger="aiproxy.usage")
+    async with gateway(make_config()) as (http, _):
+        r = await http.post("/v1/chat/completions", json=MOCK_CHAT)
+        assert r.status_code == 200
+        assert not hasattr(http._transport.app.state, "usage")  # type: ignore[attr-defined]
+    lines = [rec.getMessage() for rec in caplog.records if rec.name == "aiproxy.usage"]
+    assert lines == ["usage logs are off: no database is configured (database.url)"]
+
+
+@pytest.mark.parametrize(("setting", "value", "says"), [
+    ("batch_size", "lots", "usage.batch_size: expected a number"),
+    ("flush_interval", 0, "usage.flush_interval: must be at least"),
+    ("max_queue", -1, "usage.max_queue: must be at least 1"),
+    ("spool_path", 12, "usage.spool_path: expected a file path"),
+])
+def test_bad_settings_stop_start_up_naming_them(setting: str, value: Any, says: str) -> None:
+    with pytest.raises(PluginError, match=re.escape(says)):
+        create_app(make_config(usage={setting: value}))
+
+
+async def test_an_unwritable_spool_path_stops_start_up(gateway: Any, migrated_url: str,
+                                                      tmp_path: Path) -> None:
+    blocker = tmp_path / "file"
+    blocker.write_text("not a directory")
+    with pytest.raises(ValueError, match=r"usage\.spool_path: cannot"):
+        async with gateway(usage_config(migrated_url, blocker / "spool")):
+            pass
+
+
+async def test_spools_left_by_several_workers_are_all_replayed_and_a_torn_line_is_skipped(
+        gateway: Any, migrated_url: str, tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    spool = tmp_path / "spool"
+    held = Spool(spool)
+    held.append([_row(0)])  # a live worker holds the first slot...
+    other = Spool(spool)
+    other.append([_row(1)])  # ...so a second one writes the next
+    assert (held.path, other.path) == (spool, tmp_path / "spool.1")
+    other.close()
+    with (tmp_path / "spool.1").open("ab") as file:  # then dies in the middle of a write
+        file.write(orjson.dumps(_row(2))[:25])
+    later = Spool(spool)  # the next worker takes that slot and ends the torn line first
+    later.append([_row(3)])
+    assert later.path == tmp_path / "spool.1"
+    later.close()
+    held.close()
+    async with gateway(usage_config(migrated_url, spool)) as _:
+        await wait_for(lambda: _count_at_least(migrated_url, 3), what="both spools replayed")
+    assert sorted(row["request_id"] for row in await rows(migrated_url)) == ["w-000", "w-001", "w-003"]
+    assert not spool.exists() and not (tmp_path / "spool.1").exists()
+    assert any("skipped a torn line" in rec.getMessage() for rec in caplog.records)
+
+
+async def _count_at_least(url: str, n: int) -> bool:
+    return await count(url) >= n
