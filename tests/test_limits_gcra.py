@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -9,7 +10,7 @@ import pytest
 from aiproxy.app import create_app
 from aiproxy.builtin.limits.gcra import LocalStore, Rule, duration, headers, remaining
 from aiproxy.builtin.limits.settings import Rate, key_override, parse_settings
-from aiproxy.config import ConfigError
+from aiproxy.config import ConfigError, load_config
 from aiproxy.plugins import PluginError
 from tests.conftest import make_config
 
@@ -181,3 +182,16 @@ def test_a_key_override_replaces_only_what_it_names() -> None:
         == Rate(None, 60.0, 7)
     assert key_override({"rate_limits": {"requests": "lots"}}, tier, 3600) == tier  # malformed: ignored
     assert key_override({"rate_limits": {"requests": -1}}, None, 3600) is None
+
+
+def test_the_shipped_config_has_the_four_tiers_and_reads_the_seed_environment_names() -> None:
+    shipped = Path(__file__).resolve().parent.parent / "config.yaml"
+    defaults = parse_settings(load_config(shipped, env={}).section("limits"))
+    assert {name: (r.requests, r.window, r.tokens_per_minute) for name, r in defaults.tiers.items()} == {
+        "free": (10, 3600.0, None), "starter": (100, 3600.0, None), "pro": (1000, 3600.0, None),
+        "enterprise": (10000, 3600.0, None)}
+    assert defaults.anonymous_tier is None and defaults.fail_open  # make serve + curl: never refused
+    env = {"AI_RATE_LIMIT_FREE": "25", "AI_RATE_LIMIT_WINDOW": "60"}
+    seeded = parse_settings(load_config(shipped, env=env).section("limits"))
+    assert seeded.tiers["free"] == Rate(25, 60.0, None)
+    assert seeded.tiers["pro"] == Rate(1000, 60.0, None)  # the window is every tier's
