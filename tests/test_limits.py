@@ -142,6 +142,18 @@ async def test_the_tightest_of_key_user_tenant_and_model_is_reported_and_enforce
         assert other.status_code == 200
 
 
+async def test_a_tier_can_have_its_own_limits_on_one_model() -> None:
+    limits = {"tiers": TIERS, "scopes": ["key"], "models": {"mock-gpt": {"tiers": {"free": {"requests": 2}}}}}
+    async with limited(limits) as g:
+        assert await g.statuses(3, FREE_KEY) == [200, 200, 429]
+        r = await g.chat(FREE_KEY)
+        assert "key 'config:free' on model 'mock-gpt' (tier free): 2 requests per 1h0m0s" \
+            in error_of(r)["message"]
+        # the tier's own 3 still count across models: 2 taken on mock-gpt, 1 left elsewhere
+        assert await g.statuses(2, FREE_KEY, model="mock-claude") == [200, 429]
+        assert await g.statuses(3, PRO_KEY) == [200] * 3  # the pro tier has no row for mock-gpt
+
+
 async def test_a_tenant_limit_counts_every_key_of_the_tenant() -> None:
     async with limited({"tiers": {"free": {"requests": 3}, "pro": {"requests": 3}},
                         "scopes": ["tenant"]}) as g:

@@ -136,6 +136,10 @@ def test_the_shipped_shape_parses_with_strings_from_the_environment() -> None:
     assert settings.tiers["free"] == Rate(10, 60.0, None)
     assert settings.tiers["pro"] == Rate(1000, 3600.0, 90000)
     assert settings.models["gpt-4o"] == Rate(None, 60.0, 30000)
+    assert settings.model_tiers == {}
+    per_tier = parse_settings({"tiers": {"free": {"requests": 9}},
+                               "models": {"m": {"tiers": {"free": {"tokens_per_minute": 500}}}}})
+    assert per_tier.models == {} and per_tier.model_tiers == {"m": {"free": Rate(None, 3600.0, 500)}}
     assert settings.default_tier == "free" and settings.anonymous_tier is None and settings.fail_open
 
 
@@ -152,6 +156,11 @@ def test_the_shipped_shape_parses_with_strings_from_the_environment() -> None:
     ({"tiers": {"free": {"requests": 1}}, "anonymous_tier": "gold"},
      "limits.anonymous_tier: expected the name of a tier in limits.tiers (free), got 'gold'"),
     ({"tier": {}}, "limits.tier: unknown setting"),
+    ({"tiers": {"free": {"requests": 1}}, "models": {"m": {"tiers": {"gold": {"requests": 1}}}}},
+     "limits.models.m.tiers.gold: no tier 'gold' in limits.tiers (free)"),
+    ({"tiers": {"free": {"requests": 1}}, "models": {"m": {"tiers": {"free": {"requests": 0}}}}},
+     "limits.models.m.tiers.free.requests: expected a whole number ≥ 1"),
+    ({"models": {"m": {"rpm": 1}}}, "limits.models.m.rpm: unknown setting"),
 ])
 def test_a_bad_setting_is_named_by_its_path(raw: dict[str, Any], message: str) -> None:
     with pytest.raises(ConfigError) as info:

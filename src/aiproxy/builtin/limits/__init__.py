@@ -91,6 +91,15 @@ class Limits:
                 made = self._make(f"{scope}:{ident}", mine, _label(principal, scope, ident, tier),
                                   (scope, ident, tier, mine))
             cost = self._append(rules, made, mine, call, cost)
+        per_model = s.model_tiers.get(call.model)
+        if per_model is not None and tier in per_model:
+            mine = per_model[tier]
+            key = ("key-model", f"{principal.id}\0{call.model}", tier, mine)
+            made = self._made.get(key)
+            if made is None:
+                made = self._make(f"key:{principal.id}:model:{call.model}", mine,
+                                  f"key '{principal.id}' on model '{call.model}' (tier {tier})", key)
+            cost = self._append(rules, made, mine, call, cost)
         model = s.models.get(call.model)
         if model is not None:
             made = self._made.get(("model", call.model, None, model))

@@ -6,7 +6,12 @@
         free: {requests: 10}        # 10 requests per window, per key (and per user, tenant)
         pro: {requests: 1000, tokens_per_minute: 200000}
       models:                       # the model as a whole, whoever calls it
-        gpt-4o: {requests: 500, window_seconds: 60, tokens_per_minute: 30000}
+        gpt-4o:
+          requests: 500
+          window_seconds: 60
+          tokens_per_minute: 30000
+          tiers:                    # and each key of a tier, on this model only
+            free: {requests: 2}
       scopes: [key, user, tenant]   # which counters a tier's limits apply to
       default_tier: free            # a key that names no tier
       anonymous_tier: null          # callers with no key (keys not required): not limited
@@ -26,6 +31,7 @@ SCOPES = ("key", "user", "tenant")
 KEYS = ("window_seconds", "tiers", "models", "scopes", "default_tier", "anonymous_tier",
         "completion_estimate", "on_backend_error", "backend_retry_seconds")
 RATE_KEYS = ("requests", "window_seconds", "tokens_per_minute")
+MODEL_KEYS = (*RATE_KEYS, "tiers")
 #: the key of a virtual key's metadata that overrides its tier's limits (key scope only)
 OVERRIDE = "rate_limits"
 
@@ -47,7 +53,8 @@ class Rate:
 @dataclass(slots=True)
 class LimitSettings:
     tiers: dict[str, Rate] = field(default_factory=dict)
-    models: dict[str, Rate] = field(default_factory=dict)
+    models: dict[str, Rate] = field(default_factory=dict)  # the model as a whole
+    model_tiers: dict[str, dict[str, Rate]] = field(default_factory=dict)  # model → tier → per key
     scopes: tuple[str, ...] = SCOPES
     default_tier: str | None = "free"
     anonymous_tier: str | None = None
@@ -59,7 +66,7 @@ class LimitSettings:
     @property
     def active(self) -> bool:
         """Does anything limit anyone? (If not, the stage costs nothing per call.)"""
-        return bool(self.tiers or self.models)
+        return bool(self.tiers or self.models or self.model_tiers)
 
 
 class _Reader:
@@ -97,9 +104,9 @@ class _Reader:
             if key not in allowed:
                 self.errors.append(f"{path}.{key}: unknown setting (expected one of: {', '.join(allowed)})")
 
-    def rate(self, value: Any, path: str, window: float) -> Rate:
+    def rate(self, value: Any, path: str, window: float, allowed: tuple[str, ...] = RATE_KEYS) -> Rate:
         data = self.mapping(value, path)
-        self.only(data, path, RATE_KEYS)
+        self.only(data, path, allowed)
         return Rate(self.whole(data.get("requests"), f"{path}.requests"),
                     self.seconds(data.get("window_seconds"), f"{path}.window_seconds", window),
                     self.whole(data.get("tokens_per_minute"), f"{path}.tokens_per_minute"))
@@ -136,8 +143,20 @@ def parse_settings(raw: Any, source: str = "config") -> LimitSettings:
     window = r.seconds(data.get("window_seconds"), "limits.window_seconds", 3600.0)
     tiers = {str(name): r.rate(value, f"limits.tiers.{name}", window)
              for name, value in r.mapping(data.get("tiers"), "limits.tiers").items()}
-    models = {str(name): r.rate(value, f"limits.models.{name}", 60.0)
-              for name, value in r.mapping(data.get("models"), "limits.models").items()}
+    models: dict[str, Rate] = {}
+    model_tiers: dict[str, dict[str, Rate]] = {}
+    for name, value in r.mapping(data.get("models"), "limits.models").items():
+        path = f"limits.models.{name}"
+        whole = r.rate(value, path, 60.0, MODEL_KEYS)
+        if whole.requests or whole.tokens_per_minute:
+            models[str(name)] = whole
+        rows = r.mapping(value.get("tiers") if isinstance(value, dict) else None, f"{path}.tiers")
+        for tier, row in rows.items():
+            if tier not in tiers:
+                r.errors.append(f"{path}.tiers.{tier}: no tier {tier!r} in limits.tiers "
+                                f"({', '.join(tiers) or 'none are configured'})")
+                continue
+            model_tiers.setdefault(str(name), {})[str(tier)] = r.rate(row, f"{path}.tiers.{tier}", window)
     scopes = data.get("scopes", list(SCOPES))
     if isinstance(scopes, str):
         scopes = [scopes]
@@ -149,7 +168,7 @@ def parse_settings(raw: Any, source: str = "config") -> LimitSettings:
         r.errors.append(f"limits.on_backend_error: expected open or closed, got {data['on_backend_error']!r}")
     default_tier = data.get("default_tier", "free" if "free" in tiers else None)
     settings = LimitSettings(
-        tiers=tiers, models=models, scopes=tuple(dict.fromkeys(scopes)),
+        tiers=tiers, models=models, model_tiers=model_tiers, scopes=tuple(dict.fromkeys(scopes)),
         default_tier=r.name(default_tier, "limits.default_tier", tiers),
         anonymous_tier=r.name(data.get("anonymous_tier"), "limits.anonymous_tier", tiers),
         completion_estimate=_or(r.whole(data.get("completion_estimate"), "limits.completion_estimate",
