@@ -204,3 +204,16 @@ def test_the_shipped_config_has_the_four_tiers_and_reads_the_seed_environment_na
     seeded = parse_settings(load_config(shipped, env=env).section("limits"))
     assert seeded.tiers["free"] == Rate(25, 60.0, None)
     assert seeded.tiers["pro"] == Rate(1000, 60.0, None)  # the window is every tier's
+
+
+def test_several_workers_counting_in_process_are_warned_about(caplog: Any) -> None:
+    import logging
+
+    from aiproxy.builtin.limits import Limits
+
+    with caplog.at_level(logging.WARNING, logger="aiproxy.limits"):
+        Limits(make_config(limits={"tiers": {"free": {"requests": 3}}}, server={"workers": 3}))
+        Limits(make_config(limits={}, server={"workers": 3}))  # nothing limited: nothing to say
+    warnings = [r.getMessage() for r in caplog.records]
+    assert warnings == ["limits: each of the 3 workers counts on its own (set redis.url to share the "
+                        "counters): a limit of N admits up to 3 times N"]

@@ -60,6 +60,10 @@ class Limits:
             except ValueError:  # the URL is not echoed: it may hold a password
                 raise ConfigError(["redis.url: not a URL Redis can use (redis://, rediss:// or "
                                    "unix://), and limits: needs it"], config.source) from None
+        elif self.active and config.server.workers > 1:
+            log.warning("limits: each of the %d workers counts on its own (set redis.url to share "
+                        "the counters): a limit of N admits up to %d times N", config.server.workers,
+                        config.server.workers)
         self.down_until = 0.0
         self.down_since: float | None = None
         self._reminded = 0.0
