@@ -39,6 +39,7 @@ CASES: list[tuple[str, str, dict[str, Any] | None]] = [
     ("PUT", "/providers/openai/credentials", {"tenant_id": "{tenant}", "api_key": "sk-spy-key-0000000"}),
     ("POST", "/providers/openai/credentials", {"tenant_id": "{tenant}", "api_key": "sk-spy-key-0000000"}),
     ("DELETE", "/providers/openai/credentials?tenant_id={tenant}", None),
+    ("GET", "/usage?tenant_id={tenant}", None),  # the usage stage's route; its lists: test_usage_api
 ]
 B_OWN_KEY = "sk-globex-own-openai-key-ZZ9876"
 # routes with no id of anyone's in them: their isolation is that lists show only the caller's rows
@@ -170,7 +171,8 @@ async def test_admin_of_a_still_manages_a(world: World) -> None:
 
 def test_every_management_route_and_method_is_in_the_matrix() -> None:
     """A route added later without an isolation case fails here."""
-    from aiproxy.builtin.manage import routes
+    from aiproxy.builtin.manage import routes as manage_routes
+    from aiproxy.builtin.usage.api import routes as usage_routes
 
     names = {"{key}": "{key_id}", "{tenant}": "{tenant_id}", "{user}": "{user_id}", "openai": "{provider}"}
     covered = set()
@@ -182,6 +184,7 @@ def test_every_management_route_and_method_is_in_the_matrix() -> None:
     covered |= {("GET", PREFIX + p) for p in LISTS} | {("GET", f"{PREFIX}/keys/self"),
                                                        ("GET", f"{PREFIX}/providers"),
                                                        ("POST", f"{PREFIX}/tenants")}
-    declared = {(m, r.path) for r in routes() if isinstance(r, Route) for m in (r.methods or ())
+    declared = {(m, r.path) for r in [*manage_routes(), *usage_routes()] if isinstance(r, Route)
+                for m in (r.methods or ())
                 if m != "HEAD"}
     assert declared - covered == set()

@@ -18,6 +18,8 @@ such row is counted (``aiproxy_usage_rows_dropped_total``) and logged.
 At shutdown the queue is flushed (or spooled, if the database is gone); at start-up a
 spool left behind (a crash, an outage that outlived the process) is replayed. With no
 database configured the stage is off, with one log line saying so.
+
+``GET /api/ai/usage`` (:mod:`.api`) lists a tenant's rows with totals by model and day.
 """
 
 from __future__ import annotations
@@ -34,6 +36,7 @@ from typing import Any
 
 from sqlalchemy.engine import make_url
 from starlette.applications import Starlette
+from starlette.routing import BaseRoute
 
 from aiproxy import hookimpl
 from aiproxy.builtin.usage import rows as _rows
@@ -160,6 +163,12 @@ class UsageLogs:
             self.active = False
             self.closed = True
             self.spool.close()
+
+    @hookimpl
+    def aiproxy_routes(self) -> list[BaseRoute]:
+        from aiproxy.builtin.usage import api  # the management side: only when routes are built
+
+        return api.routes()
 
     # ------------------------------------------------------------ the stage
     @hookimpl
