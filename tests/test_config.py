@@ -111,9 +111,10 @@ def test_shipped_config_reads_the_seed_environment_names():
     cfg = load_config(ROOT / "config.yaml", env=env)
     assert cfg.providers["openai"].api_key == "sk-o"
     assert cfg.providers["ollama"].api_base == "http://127.0.0.1:11434"
-    assert cfg.section("limits")["tiers"]["free"] == {"requests": "25", "window_seconds": "60"}
-    assert cfg.section("cache") == {"ttl_seconds": "5", "max_size": "7"}
-    assert cfg.section("cost") == {"alert_threshold_usd": "12.5", "alert_email": "ops@x.test"}
+    limits, cache, cost = cfg.section("limits"), cfg.section("cache"), cfg.section("cost")
+    assert (limits["tiers"]["free"]["requests"], limits["window_seconds"]) == ("25", "60")
+    assert (cache["ttl_seconds"], cache["max_size"]) == ("5", "7")
+    assert (cost["alert_threshold_usd"], cost["alert_email"]) == ("12.5", "ops@x.test")
 
 
 def run_cli(*args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:

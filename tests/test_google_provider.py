@@ -159,6 +159,10 @@ async def test_google_extra_body_reaches_gemini(gclient):
      "messages[0].content[0].image_url"),
     ({"messages": [{"role": "user", "content": [{"type": "image_url", "image_url": {
         "url": "data:image/png,notbase64"}}]}]}, "messages[0].content[0].image_url"),
+    ({"messages": [{"role": "user", "content": [{"type": "image_url", "image_url": {
+        "url": "data:image/png;base64,!!not*base64"}}]}]}, "messages[0].content[0].image_url"),
+    ({"messages": [{"role": "user", "content": [{"type": "input_audio", "input_audio": {
+        "data": "0", "format": "wav"}}]}]}, "messages[0].content[0].input_audio.data"),
     ({"messages": [{"role": "user", "content": [{"type": "video", "video": {}}]}]},
      "messages[0].content[0].type"),
     ({"messages": [{"role": "system", "content": [{"type": "image_url", "image_url": {

@@ -7,6 +7,7 @@ The REST wire is camelCase JSON; ``google.genai.types`` is the field-name author
 
 from __future__ import annotations
 
+import binascii
 import logging
 import mimetypes
 from typing import Any
@@ -200,6 +201,7 @@ def _parts(content: Any, where: str, assistant: bool = False) -> list[dict[str, 
             if not isinstance(data, str) or not isinstance(fmt, str) or not data:
                 raise invalid(f"'{at}.input_audio' must hold base64 'data' and a 'format'",
                               f"{at}.input_audio")
+            _base64(data, f"{at}.input_audio.data")
             parts.append({"inlineData": {"mimeType": f"audio/{fmt}", "data": data}})
         elif kind == "file" and not assistant:
             file = part.get("file")
@@ -209,6 +211,18 @@ def _parts(content: Any, where: str, assistant: bool = False) -> list[dict[str, 
             raise invalid(f"the google provider does not support {'assistant ' if assistant else ''}"
                           f"content parts of type {kind!r}", f"{at}.type")
     return parts
+
+
+def _base64(data: str, param: str) -> None:
+    """Gemini refuses inline data that is not base64 with a 400 of its own; say it first
+    (standard or URL-safe alphabet, padded)."""
+    try:
+        binascii.a2b_base64(data.translate(_URLSAFE).encode("ascii"), strict_mode=True)
+    except (binascii.Error, UnicodeEncodeError):
+        raise invalid(f"'{param}' is not valid base64", param) from None
+
+
+_URLSAFE = str.maketrans("-_", "+/")
 
 
 def _media(url: Any, param: str, remote: bool = True) -> dict[str, Any]:
@@ -221,6 +235,7 @@ def _media(url: Any, param: str, remote: bool = True) -> dict[str, Any]:
         mime = head[5:].removesuffix(";base64")
         if not head.endswith(";base64") or not data or not mime:
             raise invalid(f"'{param}' must be a data:<type>;base64,<data> URL", param)
+        _base64(data, param)
         return {"inlineData": {"mimeType": mime, "data": data}}
     scheme = urlsplit(url).scheme
     if scheme not in ("http", "https", "gs") or not remote:
