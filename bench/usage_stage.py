@@ -64,6 +64,18 @@ def per_call_us(n: int = 100_000, rounds: int = 7) -> float:
     return best / n * 1e6
 
 
+def materialize_us(n: int = 50_000, rounds: int = 5) -> float:
+    """The flusher's share per row: the captured call made a row (uid, timestamps, metadata)."""
+    captured = usage_rows.capture(a_call(), None)
+    best = float("inf")
+    for _ in range(rounds):
+        began = time.perf_counter()
+        for _ in range(n):
+            usage_rows.materialize(captured)
+        best = min(best, time.perf_counter() - began)
+    return best / n * 1e6
+
+
 def rows(n: int) -> list[dict[str, Any]]:
     call = a_call()
     return [usage_rows.from_call(call, None) for _ in range(n)]
@@ -118,7 +130,8 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--pg", help="a PostgreSQL server URL to make a scratch database on")
     args = parser.parse_args()
-    print(f"response path (after-call: build the row, append): {per_call_us():.2f} µs/call")
+    print(f"response path (after-call: capture, append): {per_call_us():.2f} µs/call")
+    print(f"flusher, making a row of it:                {materialize_us():.2f} µs/row")
     with tempfile.TemporaryDirectory() as folder:
         print(f"spool append (batches of 500):    {spool_rows_per_second(Path(folder)):,.0f} rows/s")
         sqlite = asyncio.run(rows_per_second(f"sqlite+aiosqlite:///{folder}/bench.db"))
