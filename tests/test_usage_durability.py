@@ -20,6 +20,7 @@ import openai
 import orjson
 from sqlalchemy.engine import make_url
 
+from aiproxy.storage.db import create_engine
 from tests.helpers import started_proxy
 from tests.tcp_proxy import TcpProxy
 from tests.usage_support import MOCK_CHAT, count, rows, server_config, usage_config, wait_for
@@ -163,3 +164,81 @@ def _spooled(spool: Path) -> list[str]:
         return []
     return [orjson.loads(line)["request_id"] for line in spool.read_bytes().splitlines() if line]
 
+
+
+class TableLock:
+    """Holds the usage table so the flusher's INSERT waits (in flight, neither done nor
+    failed): BEGIN EXCLUSIVE on SQLite, LOCK TABLE on PostgreSQL."""
+
+    def __init__(self, url: str) -> None:
+        self.url = url
+        self.outage = Outage(url)
+        self.engine: Any = None
+        self.conn: Any = None
+
+    async def hold(self) -> None:
+        if self.outage.sqlite_path:
+            await asyncio.to_thread(self.outage.cut)
+            return
+        self.engine = create_engine(self.url)
+        self.conn = await self.engine.connect()
+        await self.conn.exec_driver_sql("LOCK TABLE usage_logs IN ACCESS EXCLUSIVE MODE")
+
+    async def release(self) -> None:
+        if self.outage.sqlite_path:
+            self.outage.restore()
+            return
+        await self.conn.rollback()
+        await self.conn.close()
+        await self.engine.dispose()
+
+
+async def test_a_full_queue_while_a_batch_is_in_flight_keeps_order_and_writes_nothing_twice(
+        gateway: Any, migrated_url: str, tmp_path: Path) -> None:
+    spool = tmp_path / "spool"
+    lock = TableLock(migrated_url)
+    cfg = usage_config(migrated_url, spool, flush_interval=0.02, batch_size=5, max_queue=5, write_timeout=5)
+    async with gateway(cfg) as (http, _), asyncio.timeout(60):
+        usage = http._transport.app.state.usage  # type: ignore[attr-defined]
+
+        async def call(i: int) -> None:
+            r = await http.post("/v1/chat/completions", json=MOCK_CHAT,
+                                headers={"x-request-id": f"f-{i:02d}"})
+            assert r.status_code == 200
+
+        await lock.hold()
+        try:
+            for i in range(5):
+                await call(i)  # a batch: the flusher takes it and waits on the lock
+            await wait_for(lambda: _true(usage._inflight is not None), what="a batch in flight")
+            for i in range(5, 12):
+                await call(i)  # 5..9 fill the queue; 10 finds it full; 11 starts a new queue
+            # the batch in flight, the queue and call 10 went to the spool, in that order
+            assert _spooled(spool) == [f"f-{i:02d}" for i in range(11)]
+            assert usage._inflight is not None  # still waiting: its fate is unknown
+        finally:
+            await lock.release()
+        await wait_for(lambda: _count_is(migrated_url, 12), what="all 12 rows")
+    written = await rows(migrated_url)
+    assert [row["request_id"] for row in written] == [f"f-{i:02d}" for i in range(12)]
+    assert not spool.exists()
+
+
+async def test_shutdown_with_the_database_away_spools_and_the_next_start_replays(
+        gateway: Any, migrated_url: str, tmp_path: Path) -> None:
+    spool = tmp_path / "spool"
+    sent = [f"down-{i:02d}" for i in range(30)]
+    with outage(migrated_url) as db:
+        async with gateway(usage_config(db.url, spool, **FAST)) as (http, _):
+            await asyncio.to_thread(db.cut)
+            for rid in sent:
+                r = await http.post("/v1/chat/completions", json=MOCK_CHAT, headers={"x-request-id": rid})
+                assert r.status_code == 200
+        # shut down while the database was away: nothing written, everything in the spool
+        assert _spooled(spool) == sent
+        db.restore()
+        assert await count(migrated_url) == 0
+        async with gateway(usage_config(db.url, spool, **FAST)) as _:
+            await wait_for(lambda: _count_is(migrated_url, len(sent)), what="the spool replayed")
+    assert [row["request_id"] for row in await rows(migrated_url)] == sent
+    assert not spool.exists()
