@@ -11,12 +11,13 @@ from typing import Any
 
 import orjson
 import pytest
+from sqlalchemy.exc import DBAPIError, OperationalError
 
 from aiproxy import hookimpl
 from aiproxy.app import create_app
 from aiproxy.builtin.usage import rows as usage_rows
 from aiproxy.builtin.usage.spool import Spool
-from aiproxy.builtin.usage.writer import Writer
+from aiproxy.builtin.usage.writer import Writer, rejected
 from aiproxy.call import Call
 from aiproxy.plugins import PluginError
 from aiproxy.storage.db import create_engine
@@ -231,3 +232,40 @@ async def test_spools_left_by_several_workers_are_all_replayed_and_a_torn_line_i
 
 async def _count_at_least(url: str, n: int) -> bool:
     return await count(url) >= n
+
+
+async def test_a_nul_from_a_client_is_stripped_not_a_batch_stuck_for_ever(
+        gateway: Any, migrated_url: str, tmp_path: Path) -> None:
+    """PostgreSQL refuses NUL in text; a client could otherwise halt the usage log."""
+    async with gateway(usage_config(migrated_url, tmp_path / "spool", **QUIET)) as (http, _):
+        usage = http._transport.app.state.usage  # type: ignore[attr-defined]
+        bad_model = await http.post("/v1/chat/completions", json={**MOCK_CHAT, "model": "no\x00such"},
+                                    headers={"x-request-id": "nul-1"})
+        assert bad_model.status_code == 404
+        ok = await http.post("/v1/chat/completions", headers={"x-request-id": "nul-2"}, json={
+            **MOCK_CHAT, "messages": [{"role": "user", "content": "a\x00b"}]})
+        assert ok.status_code == 200
+        (await http.post("/v1/chat/completions", json=MOCK_CHAT, headers={"x-request-id": "nul-3"}))
+        await usage.flush()
+        assert usage.counts["write_errors"] == 0 and usage.counts["written"] == 3
+    by_id = {row["request_id"]: row for row in await rows(migrated_url)}
+    assert set(by_id) == {"nul-1", "nul-2", "nul-3"}
+    assert by_id["nul-1"]["model"] == "nosuch" and "\x00" not in by_id["nul-1"]["error"]
+
+
+class _Orig(Exception):
+    def __init__(self, sqlstate: str) -> None:
+        super().__init__(sqlstate)
+        self.sqlstate = sqlstate
+
+
+@pytest.mark.parametrize(("error", "refused"), [
+    (DBAPIError("INSERT", {}, _Orig("22021")), True),      # bad data: write row by row
+    (DBAPIError("INSERT", {}, _Orig("23505")), True),      # integrity
+    (DBAPIError("INSERT", {}, _Orig("08006")), False),     # connection failure: spool and retry
+    (OperationalError("INSERT", {}, Exception("database is locked")), False),
+    (ConnectionRefusedError(), False),
+    (TimeoutError(), False),
+])
+def test_only_errors_about_the_rows_themselves_count_as_refused(error: BaseException, refused: bool) -> None:
+    assert rejected(error) is refused

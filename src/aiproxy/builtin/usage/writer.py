@@ -19,6 +19,7 @@ from aiproxy.builtin.usage.rows import COLUMNS
 from aiproxy.storage.models import UsageLog
 
 TABLE: Table = UsageLog.__table__  # type: ignore[assignment]
+_STRINGS = [c.name for c in TABLE.columns if isinstance(c.type, String) and c.name in COLUMNS]
 _LENGTHS = {c.name: c.type.length for c in TABLE.columns
             if isinstance(c.type, String) and c.type.length and c.name in COLUMNS}
 
@@ -28,10 +29,14 @@ class Rejected(Exception):
 
 
 def rejected(exc: BaseException) -> bool:
-    """Would this error come back however often the same rows were sent?"""
+    """Would this error come back however often the same rows were sent? (Then retrying
+    the batch would hold every later row up for ever: it is written row by row instead.)"""
     if isinstance(exc, DataError | IntegrityError):
         return True
-    return isinstance(exc, StatementError) and not isinstance(exc, DBAPIError)  # binding failed
+    if isinstance(exc, DBAPIError):  # SQLSTATE class 22 (data exception), 23 (integrity)
+        state = getattr(exc.orig, "sqlstate", None) or getattr(exc.orig, "pgcode", None)
+        return isinstance(state, str) and state[:2] in ("22", "23")
+    return isinstance(exc, StatementError)  # binding failed, before the database saw it
 
 
 class Writer:
@@ -99,10 +104,13 @@ _INT32 = 2**31 - 1
 def _fit(row: dict[str, Any]) -> dict[str, Any]:
     """The row as the table takes it: strings cut to their column, metadata plain JSON."""
     out = dict(row)
-    for name, length in _LENGTHS.items():
+    for name in _STRINGS:
         value = out.get(name)
-        if isinstance(value, str) and len(value) > length:
-            out[name] = value[:length]
+        if isinstance(value, str):
+            if "\x00" in value:  # a client's NUL: PostgreSQL refuses it in text
+                value = value.replace("\x00", "")
+            length = _LENGTHS.get(name)
+            out[name] = value[:length] if length and len(value) > length else value
     for name in ("prompt_tokens", "completion_tokens", "total_tokens", "latency_ms", "status"):
         value = out.get(name)
         if type(value) is not int and value is not None:  # a hand-edited spool, say
@@ -115,7 +123,19 @@ def _fit(row: dict[str, Any]) -> dict[str, Any]:
         out[name] = value
     meta = out.pop("meta", None)  # the attribute is "meta", the column "metadata"
     try:
-        out["metadata"] = orjson.loads(orjson.dumps(meta, default=str, option=orjson.OPT_NON_STR_KEYS))
+        text_ = orjson.dumps(meta, default=str, option=orjson.OPT_NON_STR_KEYS)
+        plain = orjson.loads(text_)
+        out["metadata"] = _no_nul(plain) if b"\\u0000" in text_ else plain
     except (TypeError, orjson.JSONEncodeError):
-        out["metadata"] = {"unserialisable_metadata": repr(meta)[:500]}
+        out["metadata"] = {"unserialisable_metadata": repr(meta)[:500].replace("\x00", "")}
     return out
+
+
+def _no_nul(value: Any) -> Any:
+    if isinstance(value, str):
+        return value.replace("\x00", "")
+    if isinstance(value, dict):
+        return {_no_nul(k): _no_nul(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_no_nul(v) for v in value]
+    return value
