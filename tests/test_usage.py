@@ -140,7 +140,7 @@ async def test_a_full_queue_goes_to_the_spool_without_losing_or_reordering(
         spooled = [orjson.loads(line)["request_id"] for line in spool.read_bytes().splitlines()]
         assert spooled == [f"q-{i:03d}" for i in range(18)]
         assert [captured[1] for captured in app_usage.queue] == [f"q-{i:03d}" for i in range(18, 23)]
-        stats = app_usage.aiproxy_stats()
+        stats = http._transport.app.state.plugin_manager.get_plugin("usage").aiproxy_stats()  # type: ignore[attr-defined]
         assert stats["aiproxy_usage_rows_spooled_total"] == 18
         assert stats["aiproxy_usage_queue_rows"] == 5
         assert stats["aiproxy_usage_rows_dropped_total"] == 0
