@@ -431,3 +431,20 @@ async def test_with_the_real_cache_a_repeat_costs_0_and_saves_what_the_first_cos
     # 1000 x 0.15 + 200 x 0.60 = 270 per million
     assert (first.headers["x-aiproxy-cost"], again.headers["x-aiproxy-cost"]) == ("0.00027", "0")
     assert finished.calls[1].metadata["cost_saved"] == 0.00027
+
+
+@pytest.mark.parametrize(("usage", "expected"), [
+    # a negative count is no tokens: 0 x 0.15 + 100 x 0.60 = 60 per million
+    ({"prompt_tokens": -1000, "completion_tokens": 100, "total_tokens": -900}, "0.00006"),
+    # negative cached tokens are none cached: 1000 x 0.15 + 100 x 0.60 = 210 per million
+    ({"prompt_tokens": 1000, "completion_tokens": 100, "total_tokens": 1100,
+      "prompt_tokens_details": {"cached_tokens": -500}}, "0.00021"),
+    ({"prompt_tokens": 10, "completion_tokens": -10**6, "total_tokens": 0}, "0.0000015"),
+])
+async def test_negative_token_counts_from_an_upstream_cost_nothing(gateway, usage, expected):
+    # an upstream may send anything: a negative count must not make a negative cost (a
+    # malformed x-aiproxy-cost, a refund of spend) nor a discount worth more than the tokens
+    r, call = await run(gateway, config(MODELS), lambda up: up.post(CHAT_URL).respond(
+        200, json=openai_answer(usage)), CHAT)
+    assert r.headers["x-aiproxy-cost"] == expected
+    assert call.cost == float(Decimal(expected))

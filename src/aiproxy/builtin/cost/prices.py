@@ -67,12 +67,13 @@ class Price:
 
     def units(self, usage: Usage) -> int:
         """What ``usage`` cost, exactly, in ``10**-exp`` USD. Cache reads and writes are
-        parts of ``prompt_tokens`` (as the gateway reads every provider's usage)."""
-        prompt = usage.prompt_tokens
+        parts of ``prompt_tokens`` (as the gateway reads every provider's usage). A
+        negative count (an upstream may send anything) is no tokens: never a negative cost."""
+        prompt = max(usage.prompt_tokens, 0)
         r = self._long if self._long is not None and prompt > self.long_threshold else self._base
-        cached = min(usage.cached_tokens, prompt)
-        written = min(usage.cache_write_tokens, prompt - cached)
-        return ((prompt - cached - written) * r[0] + usage.completion_tokens * r[1]
+        cached = min(max(usage.cached_tokens, 0), prompt)
+        written = min(max(usage.cache_write_tokens, 0), prompt - cached)
+        return ((prompt - cached - written) * r[0] + max(usage.completion_tokens, 0) * r[1]
                 + cached * r[2] + written * r[3])
 
     def cost(self, usage: Usage) -> Decimal:
