@@ -269,3 +269,24 @@ class _Orig(Exception):
 ])
 def test_only_errors_about_the_rows_themselves_count_as_refused(error: BaseException, refused: bool) -> None:
     assert rejected(error) is refused
+
+
+@pytest.mark.parametrize(("settings", "says"), [
+    ({"flush_intervall": 5}, "usage.flush_intervall: unknown setting"),  # a typo is not ignored
+    ({"enabled": "ture"}, "usage.enabled: expected true or false"),  # nor taken as "off"
+    ({"fsync": "yes please"}, "usage.fsync: expected true or false"),
+    ({"write_timeout": "inf"}, "usage.write_timeout: expected a finite number"),
+    ({"batch_size": float("nan")}, "usage.batch_size: expected a finite number"),
+    ({"max_queue": 2.5}, "usage.max_queue: expected a whole number"),
+])
+def test_a_misspelt_or_unusable_setting_stops_start_up_naming_it(settings: dict[str, Any], says: str) -> None:
+    with pytest.raises(PluginError, match=re.escape(says)):
+        create_app(make_config(usage=settings))
+
+
+@pytest.mark.parametrize(("value", "enabled"), [(True, True), ("True", True), ("on", True),
+                                                (False, False), ("False", False), ("no", False)])
+def test_enabled_reads_as_yaml_and_the_environment_write_it(value: Any, enabled: bool) -> None:
+    from aiproxy.builtin.usage import UsageLogs
+
+    assert UsageLogs(make_config(usage={"enabled": value})).enabled is enabled

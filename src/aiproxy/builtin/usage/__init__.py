@@ -28,6 +28,7 @@ import asyncio
 import contextlib
 import hashlib
 import logging
+import math
 import tempfile
 import time
 from collections.abc import Callable
@@ -48,18 +49,39 @@ from aiproxy.config import Config
 from aiproxy.errors import ProxyError
 
 log = logging.getLogger("aiproxy.usage")
-_TRUE = (True, "true", "yes", "on", "1")
+KEYS = ("enabled", "flush_interval", "batch_size", "max_queue", "write_timeout", "retry_max",
+        "shutdown_timeout", "spool_path", "fsync")
+_TRUE = ("true", "yes", "on", "1")
+_FALSE = ("false", "no", "off", "0")
 
 
-def _number(settings: dict[str, Any], name: str, default: float, *, minimum: float = 0) -> float:
+def _number(settings: dict[str, Any], name: str, default: float, *, minimum: float = 0,
+            integer: bool = False) -> float:
     value = settings.get(name, default)
     try:
         number = float(value)
     except (TypeError, ValueError):
         raise ValueError(f"usage.{name}: expected a number, got {value!r}") from None
+    if not math.isfinite(number):  # write_timeout: inf broke every write; int(nan) a crash
+        raise ValueError(f"usage.{name}: expected a finite number, got {value!r}")
+    if integer and number != int(number):
+        raise ValueError(f"usage.{name}: expected a whole number, got {value!r}")
     if number < minimum:
         raise ValueError(f"usage.{name}: must be at least {minimum:g}, got {value!r}")
     return number
+
+
+def _flag(settings: dict[str, Any], name: str, default: bool) -> bool:
+    """A yes/no setting: YAML's booleans, or what an environment variable writes for them
+    (``True``, ``off``, …). Anything else stops start-up: a typo must not turn a log off."""
+    value = settings.get(name)
+    if value is None or value == "":
+        return default
+    if isinstance(value, bool):
+        return value
+    if isinstance(value, str) and value.strip().lower() in _TRUE + _FALSE:
+        return value.strip().lower() in _TRUE
+    raise ValueError(f"usage.{name}: expected true or false, got {value!r}")
 
 
 def spool_path(setting: Any, config: Config) -> Path:
@@ -86,10 +108,13 @@ def spool_path(setting: Any, config: Config) -> Path:
 class UsageLogs:
     def __init__(self, config: Config, *, monotonic: Callable[[], float] = time.monotonic) -> None:
         settings = config.section("usage")
-        self.enabled = settings.get("enabled", True) in _TRUE
+        unknown = sorted(set(settings) - set(KEYS), key=str)
+        if unknown:
+            raise ValueError(f"usage.{unknown[0]}: unknown setting (known: {', '.join(KEYS)})")
+        self.enabled = _flag(settings, "enabled", True)
         self.flush_interval = _number(settings, "flush_interval", 1.0, minimum=0.001)
-        self.batch_size = int(_number(settings, "batch_size", 500, minimum=1))
-        self.max_queue = int(_number(settings, "max_queue", 10_000, minimum=1))
+        self.batch_size = int(_number(settings, "batch_size", 500, minimum=1, integer=True))
+        self.max_queue = int(_number(settings, "max_queue", 10_000, minimum=1, integer=True))
         self.write_timeout = _number(settings, "write_timeout", 10.0, minimum=0.01)
         self.retry_max = _number(settings, "retry_max", 30.0, minimum=0)
         self.shutdown_timeout = _number(settings, "shutdown_timeout", 15.0, minimum=0)
@@ -97,7 +122,7 @@ class UsageLogs:
         if path is not None and not isinstance(path, str | Path):
             raise ValueError(f"usage.spool_path: expected a file path, got {path!r}")
         self.spool_path = spool_path(path, config)
-        self.fsync = settings.get("fsync", False) in _TRUE
+        self.fsync = _flag(settings, "fsync", False)
         self.monotonic = monotonic
         self.closed = False  # shut down after having been active
         self.flusher: Flusher | None = None  # made at start-up, when the database is known
