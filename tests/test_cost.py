@@ -448,3 +448,32 @@ async def test_negative_token_counts_from_an_upstream_cost_nothing(gateway, usag
         200, json=openai_answer(usage)), CHAT)
     assert r.headers["x-aiproxy-cost"] == expected
     assert call.cost == float(Decimal(expected))
+
+
+@pytest.mark.parametrize(("price", "message"), [
+    ({"input": float("inf"), "output": 1}, "models[0].price.input: expected a finite number"),
+    ({"input": 1, "output": "nan"}, "models[0].price.output: expected a finite number"),
+    ({"input": 1, "output": 1, "long_context": {"threshold": float("inf")}},
+     "models[0].price.long_context.threshold: expected a whole number"),
+    ({"input": 1, "output": 1, "long_context": {"threshold": 10, "cache_write": float("nan")}},
+     "models[0].price.long_context.cache_write: expected a finite number"),
+])
+def test_a_price_that_is_not_a_finite_number_is_a_config_error_naming_it(price, message):
+    # YAML's .inf / .nan are floats; before, they passed the check and start-up then failed
+    # with "invalid literal for int() with base 10: 'F'" or an OverflowError
+    with pytest.raises(ConfigError) as e:
+        config([{"name": "x", "provider": "openai", "price": price}])
+    assert message in "\n".join(e.value.errors)
+
+
+@pytest.mark.parametrize(("cost", "message"), [
+    ({"prices": {"m": {"input": "nan", "output": 1}}}, "cost.prices.m.input: expected a finite number"),
+    ({"alert_retries": float("inf")}, "cost.alert_retries: expected a finite number"),
+    ({"flush_interval": "nan"}, "cost.flush_interval: expected a finite number"),
+    ({"webhook_timeout": float("inf")}, "cost.webhook_timeout: expected a finite number"),
+])
+def test_cost_settings_that_are_not_finite_stop_start_up_naming_them(cost, message):
+    cfg = config(MODELS, cost={"alert_threshold_usd": 1, "alert_webhook": "http://127.0.0.1:9/x", **cost})
+    with pytest.raises(PluginError) as e:
+        create_app(cfg)
+    assert message in str(e.value)

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import difflib
 import ipaddress
+import math
 import os
 import re
 from collections.abc import Callable, Mapping
@@ -295,7 +296,7 @@ class _Validator:
         self.only(data, path, (*PRICE_KEYS, "long_context"))
         out: dict[str, Any] = {}
         for key in PRICE_KEYS:
-            number = self.number(data.get(key), f"{path}.{key}", float, minimum=0)
+            number = self.rate(data.get(key), f"{path}.{key}")
             if number is not None:
                 out[key] = data[key]
             elif key in ("input", "output") and data.get(key) in (None, ""):
@@ -307,11 +308,23 @@ class _Validator:
             if ldata.get("threshold") in (None, ""):
                 self.err(f"{path}.long_context.threshold", "is required (prompt tokens above which "
                          "these rates apply)")
-            self.number(ldata.get("threshold"), f"{path}.long_context.threshold", int, minimum=1)
+            threshold = ldata.get("threshold")
+            if isinstance(threshold, float) and not math.isfinite(threshold):  # int() would raise
+                self.err(f"{path}.long_context.threshold", f"expected a whole number, got {threshold!r}")
+            else:
+                self.number(threshold, f"{path}.long_context.threshold", int, minimum=1)
             for key in PRICE_KEYS:
-                self.number(ldata.get(key), f"{path}.long_context.{key}", float, minimum=0)
+                self.rate(ldata.get(key), f"{path}.long_context.{key}")
             out["long_context"] = {k: v for k, v in ldata.items() if v not in (None, "")}
         return out
+
+    def rate(self, value: Any, path: str) -> float | None:
+        """USD per million tokens: a finite number, at least 0 (YAML's .inf and .nan are floats)."""
+        number = self.number(value, path, float, minimum=0)
+        if number is not None and not math.isfinite(number):
+            self.err(path, f"expected a finite number, got {value!r}")
+            return None
+        return number
 
     # sections -----------------------------------------------------------
     def config(self, raw: Any, base_dir: Path) -> Config:

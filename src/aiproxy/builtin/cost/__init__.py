@@ -22,6 +22,7 @@ without one is its own tenant, ``key:<key id>`` (the master key is ``key:master`
 from __future__ import annotations
 
 import logging
+import math
 from decimal import Decimal, InvalidOperation
 from typing import Any
 
@@ -213,6 +214,9 @@ def _number(value: Any, path: str, errors: list[str], default: float) -> float:
         number = float(value)
     except (TypeError, ValueError):
         errors.append(f"{path}: expected a number, got {value!r}")
+        return default
+    if not math.isfinite(number):  # YAML's .inf / .nan, or "nan" from the environment
+        errors.append(f"{path}: expected a finite number, got {value!r}")
         return default
     if number < 0:
         errors.append(f"{path}: must not be negative, got {value!r}")
