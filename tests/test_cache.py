@@ -297,3 +297,17 @@ async def test_a_redis_url_redis_cannot_use_leaves_the_cache_in_process(
             assert content(await g.post(DET)) == "answer 1"
             assert content(await g.post(DET)) == "answer 1"
     assert "not a redis:// URL" in caplog.text and "secret" not in caplog.text
+
+
+@pytest.mark.parametrize(("cache", "message"), [
+    # YAML's .inf / .nan are floats: an infinite TTL made every Redis write fail (PX
+    # overflows), which then left Redis alone as if it were down
+    ({"ttl_seconds": float("inf")}, "cache.ttl_seconds: expected a finite number of seconds"),
+    ({"ttl": {"embedding": float("nan")}}, "cache.ttl.embedding: expected a finite number of seconds"),
+    ({"max_ttl_seconds": float("inf")}, "cache.max_ttl_seconds: expected a finite number of seconds"),
+    ({"models": {"m": {"ttl_seconds": float("inf")}}}, "cache.models.m.ttl_seconds: expected a finite"),
+])
+def test_a_ttl_that_is_not_finite_stops_start_up_naming_it(cache: dict[str, Any], message: str) -> None:
+    with pytest.raises(PluginError) as info:
+        build_plugin_manager(config(cache))
+    assert message in str(info.value)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import fnmatch
+import math
 import re
 from dataclasses import dataclass, field
 from typing import Any
@@ -144,6 +145,9 @@ def _number(value: Any, path: str, errors: list[str], *, allow_zero: bool = Fals
         errors.append(f"{path}: expected a number of seconds, got {value!r}")
         return None
     number = float(value)
+    if not math.isfinite(number):  # YAML's .inf / .nan: Redis cannot take an infinite PX
+        errors.append(f"{path}: expected a finite number of seconds, got {value!r}")
+        return None
     if number <= 0 and not (allow_zero and number == 0):
         errors.append(f"{path}: must be more than 0, got {value!r}")
         return None
