@@ -161,6 +161,15 @@ def test_the_shipped_shape_parses_with_strings_from_the_environment() -> None:
     ({"tiers": {"free": {"requests": 1}}, "models": {"m": {"tiers": {"free": {"requests": 0}}}}},
      "limits.models.m.tiers.free.requests: expected a whole number ≥ 1"),
     ({"models": {"m": {"rpm": 1}}}, "limits.models.m.rpm: unknown setting"),
+    # not finite: NaN compares false, so a NaN window admitted everything; inf crashed int()
+    ({"window_seconds": "nan", "tiers": {"free": {"requests": 1}}},
+     "limits.window_seconds: expected a number of seconds > 0, got 'nan'"),
+    ({"tiers": {"free": {"requests": 1, "window_seconds": float("inf")}}},
+     "limits.tiers.free.window_seconds: expected a number of seconds > 0, got inf"),
+    ({"tiers": {"free": {"requests": "inf"}}}, "limits.tiers.free.requests: expected a whole number ≥ 1"),
+    ({"tiers": {"free": {"tokens_per_minute": float("nan")}}},
+     "limits.tiers.free.tokens_per_minute: expected a whole number ≥ 1"),
+    ({"completion_estimate": "1e400"}, "limits.completion_estimate: expected a whole number ≥ 0"),
 ])
 def test_a_bad_setting_is_named_by_its_path(raw: dict[str, Any], message: str) -> None:
     with pytest.raises(ConfigError) as info:

@@ -22,6 +22,7 @@
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -123,16 +124,16 @@ class _Reader:
 
 
 def _number(value: Any) -> float | None:
+    """A finite number (numeric strings too: ``${VAR:-10}`` expands to one), else None.
+    NaN and infinity are refused: a NaN window compares false and would admit everything."""
     if isinstance(value, bool):
         return None
-    if isinstance(value, int | float):
-        return float(value)
-    if isinstance(value, str):
-        try:
-            return float(value.strip())
-        except ValueError:
-            return None
-    return None
+    try:
+        number = float(value.strip()) if isinstance(value, str) else \
+            float(value) if isinstance(value, int | float) else None
+    except (ValueError, OverflowError):  # OverflowError: an int past float's range
+        return None
+    return number if number is not None and math.isfinite(number) else None
 
 
 def parse_settings(raw: Any, source: str = "config") -> LimitSettings:
