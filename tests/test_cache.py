@@ -311,3 +311,17 @@ def test_a_ttl_that_is_not_finite_stops_start_up_naming_it(cache: dict[str, Any]
     with pytest.raises(PluginError) as info:
         build_plugin_manager(config(cache))
     assert message in str(info.value)
+
+
+async def test_cache_control_sent_as_several_headers_counts_every_one() -> None:
+    # RFC 9110: several Cache-Control lines are one comma-separated list. Before, only the
+    # last line was read: a client's no-store followed by another directive was stored.
+    async with gateway(config()) as g:
+        headers = [("cache-control", "no-store"), ("cache-control", "max-age=0")]
+        first = await g.http.post("/v1/chat/completions", json=DET, headers=headers)
+        await g.cache.settle()
+        assert content(first) == "answer 1" and first.headers["x-aiproxy-cache"] == "skip"
+        assert content(await g.post(DET)) == "answer 2"  # nothing was stored
+        headers = [("cache-control", "no-cache"), ("cache-control", "max-stale=5")]
+        fresh = await g.http.post("/v1/chat/completions", json=DET, headers=headers)
+        assert content(fresh) == "answer 3" and fresh.headers["x-aiproxy-cache"] == "skip"

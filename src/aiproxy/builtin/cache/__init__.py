@@ -179,11 +179,13 @@ class ResponseCache:
 
 def _asked(call: Call) -> tuple[str | None, str | None]:
     """The client's Cache-Control and x-aiproxy-cache-ttl headers, in one pass over the raw
-    list (ASGI names are lower case; two Headers.get calls would be two passes)."""
+    list (ASGI names are lower case; two Headers.get calls would be two passes). Several
+    Cache-Control lines are one list (RFC 9110): a no-store on any of them counts."""
     control = ttl = None
     for name, value in call.headers.raw:
         if name == b"cache-control":
-            control = value.decode("latin-1")
+            text = value.decode("latin-1")
+            control = text if control is None else f"{control},{text}"
         elif name == _TTL_RAW:
             ttl = value.decode("latin-1")
     return control, ttl
