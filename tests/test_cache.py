@@ -325,3 +325,18 @@ async def test_cache_control_sent_as_several_headers_counts_every_one() -> None:
         headers = [("cache-control", "no-cache"), ("cache-control", "max-stale=5")]
         fresh = await g.http.post("/v1/chat/completions", json=DET, headers=headers)
         assert content(fresh) == "answer 3" and fresh.headers["x-aiproxy-cache"] == "skip"
+
+
+@pytest.mark.parametrize("stored", [b"\x00not json", b"[1, 2]", b'"text"'])
+async def test_a_stored_value_that_is_not_an_answer_is_a_miss_not_a_500(stored: bytes) -> None:
+    # e.g. another aiproxy version sharing the Redis prefix wrote its own format: the
+    # call goes upstream and the entry is replaced; before, the hit's parse raised (500)
+    async with gateway(config()) as g:
+        assert content(await g.post(DET)) == "answer 1"
+        (key,) = list(g.cache.memory._data)
+        g.cache.memory.set(key, stored, 60)
+        r = await g.post(DET)
+        assert content(r) == "answer 2" and r.headers["x-aiproxy-cache"] == "miss"
+        again = await g.post(DET)
+        assert content(again) == "answer 2" and again.headers["x-aiproxy-cache"] == "hit"
+        assert g.cache.aiproxy_stats()["aiproxy_cache_unreadable_total"] == 1

@@ -60,7 +60,7 @@ class ResponseCache:
         self.memory = MemoryBackend(s.max_size, s.max_bytes, clock)
         self.redis: RedisBackend | None = None
         self._clock = clock
-        self.hits = self.misses = self.skips = self.stores = self.too_big = 0
+        self.hits = self.misses = self.skips = self.stores = self.too_big = self.unreadable = 0
 
     @property
     def clock(self) -> Clock:
@@ -113,13 +113,16 @@ class ResponseCache:
             self._skip(call)
             return None
         raw = self.memory.get(key) if self.redis is None else await self.redis.get(key)
-        if raw is None:
+        reply = None if raw is None else _reply(raw)
+        if reply is None:
+            if raw is not None:  # not an answer (another version's format?): replaced on store
+                self.unreadable += 1
             self.misses += 1
             call.response_headers[HEADER] = "miss"
             return None
         self.hits += 1
         call.response_headers[HEADER] = "hit"
-        return _reply(raw)
+        return reply
 
     def _ttl(self, call: Call, override: float | None) -> float | None:
         """How long this call's answer is kept; None when it must not be cached."""
@@ -166,6 +169,7 @@ class ResponseCache:
             "aiproxy_cache_skips_total": float(self.skips),
             "aiproxy_cache_stores_total": float(self.stores),
             "aiproxy_cache_too_big_total": float(self.too_big),
+            "aiproxy_cache_unreadable_total": float(self.unreadable),
         }
         if self.redis is None:
             stats["aiproxy_cache_entries"] = float(len(self.memory))
@@ -191,11 +195,16 @@ def _asked(call: Call) -> tuple[str | None, str | None]:
     return control, ttl
 
 
-def _reply(raw: bytes) -> Reply:
+def _reply(raw: bytes) -> Reply | None:
     """The stored answer under a new id (one response, one id, for logs and client-side
     stores); ``created`` stays when the answer was made. An answer without an id
-    (embeddings) goes out as the stored bytes."""
-    data: dict[str, Any] = orjson.loads(raw)
+    (embeddings) goes out as the stored bytes. None for a value that is not an answer."""
+    try:
+        data: dict[str, Any] = orjson.loads(raw)
+    except orjson.JSONDecodeError:
+        return None
+    if not isinstance(data, dict):
+        return None
     old = data.get("id")
     if not isinstance(old, str):
         return Reply(data, raw)
