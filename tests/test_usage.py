@@ -290,3 +290,36 @@ def test_enabled_reads_as_yaml_and_the_environment_write_it(value: Any, enabled:
     from aiproxy.builtin.usage import UsageLogs
 
     assert UsageLogs(make_config(usage={"enabled": value})).enabled is enabled
+
+
+class OddMetadata:
+    """A plugin's metadata JSON has no spelling for as it is: a dict keyed by numbers."""
+
+    @hookimpl
+    def aiproxy_before_call(self, call: Call) -> None:
+        call.metadata["by_choice"] = {0: "first", 1: "second"}
+
+
+async def test_rows_json_cannot_spell_as_they_are_still_reach_the_spool_and_the_table(
+        gateway: Any, migrated_url: str, tmp_path: Path) -> None:
+    """Before: the spool's JSON raised TypeError on them, on the response path when the
+    queue was full (the call's row and every later one lost, the metrics stage skipped)."""
+    spool = tmp_path / "spool"
+    cfg = usage_config(migrated_url, spool, max_queue=2, **QUIET)
+    async with gateway(cfg, plugin_manager=with_plugins(cfg, odd=OddMetadata())) as (http, upstream):
+        upstream.post(CHAT_URL).respond(200, json={  # an upstream past 64 bits: the total is 2**65 - 2
+            "id": "c", "object": "chat.completion", "model": "gpt-test",
+            "choices": [{"index": 0, "message": {"role": "assistant", "content": "hi"},
+                         "finish_reason": "stop"}],
+            "usage": {"prompt_tokens": 2**64 - 1, "completion_tokens": 2**64 - 1}})
+        for i in range(7):
+            model = "gpt-test" if i == 3 else "mock-gpt"
+            r = await http.post("/v1/chat/completions", json={**MOCK_CHAT, "model": model},
+                                headers={"x-request-id": f"odd-{i}"})
+            assert r.status_code == 200, r.text
+        usage = http._transport.app.state.usage  # type: ignore[attr-defined]
+        assert usage.counts["spooled"] == 6 and usage.counts["dropped"] == 0
+    written = await rows(migrated_url)
+    assert [row["request_id"] for row in written] == [f"odd-{i}" for i in range(7)]
+    assert written[0]["metadata"]["by_choice"] == {"0": "first", "1": "second"}
+    assert written[3]["total_tokens"] == 2**31 - 1  # as far as the column goes

@@ -26,12 +26,27 @@ from typing import IO, Any
 
 import orjson
 
+from aiproxy.builtin.usage.writer import fit
+
 log = logging.getLogger("aiproxy.usage")
 MAX_SLOTS = 64  #: worker processes that can share one spool path
 
 
 class SpoolError(Exception):
     """The spool file cannot be opened or written (the message names it)."""
+
+
+def _line(row: dict[str, Any]) -> bytes:
+    """One row as a JSON line. A row JSON cannot spell as it is (a number past 64 bits
+    from an upstream, a plugin's metadata keyed by numbers) is spooled as the table would
+    take it: numbers cut to their columns, metadata made plain JSON (never a TypeError
+    on the response path, which would lose this row and the queue)."""
+    try:
+        return orjson.dumps(row, default=str) + b"\n"
+    except TypeError:
+        fitted = fit(row)  # the insert's own fitting
+        fitted["meta"] = fitted.pop("metadata")
+        return orjson.dumps(fitted, default=str) + b"\n"
 
 
 class Spool:
@@ -128,7 +143,7 @@ class Spool:
             return
         self._open_for_writing()
         assert self._file is not None
-        data = b"".join(orjson.dumps(row, default=str) + b"\n" for row in rows)
+        data = b"".join(map(_line, rows))
         try:
             self._file.seek(0, os.SEEK_END)
             self._file.write(data)

@@ -55,7 +55,7 @@ class Writer:
         (TimeoutError after ``timeout`` seconds)."""
         if not rows:
             return
-        params: Any = [_fit(row) for row in rows] if self.sqlite else _arrays(rows)
+        params: Any = [fit(row) for row in rows] if self.sqlite else _arrays(rows)
         # SQLite is bounded by its busy timeout, never by cancelling: aiosqlite finishes a
         # cancelled statement on its thread anyway, and a connection left mid-transaction
         # would hold the write lock against every other writer.
@@ -92,7 +92,7 @@ _UNNEST = text(
 
 
 def _arrays(rows: list[dict[str, Any]]) -> dict[str, list[Any]]:
-    fitted = [_fit(row) for row in rows]
+    fitted = [fit(row) for row in rows]
     arrays = {name: [row[name] for row in fitted] for name in _PG_TYPES}
     arrays["metadata"] = [orjson.dumps(meta).decode() for meta in arrays["metadata"]]
     return arrays
@@ -101,7 +101,7 @@ def _arrays(rows: list[dict[str, Any]]) -> dict[str, list[Any]]:
 _INT32 = 2**31 - 1
 
 
-def _fit(row: dict[str, Any]) -> dict[str, Any]:
+def fit(row: dict[str, Any]) -> dict[str, Any]:
     """The row as the table takes it: strings cut to their column, metadata plain JSON."""
     out = dict(row)
     for name in _STRINGS:
