@@ -340,3 +340,30 @@ async def test_a_stored_value_that_is_not_an_answer_is_a_miss_not_a_500(stored: 
         again = await g.post(DET)
         assert content(again) == "answer 2" and again.headers["x-aiproxy-cache"] == "hit"
         assert g.cache.aiproxy_stats()["aiproxy_cache_unreadable_total"] == 1
+
+
+async def test_an_answer_from_a_fallback_model_is_not_stored_as_the_primarys() -> None:
+    # the key names the upstream model the route picked; a fallback's answer (another
+    # model: for embeddings, vectors of another space) must not be served for the primary
+    # once it is back — before, it was stored under the primary's key for the whole TTL
+    models = [{"name": "primary", "provider": "openai", "model": "gpt-4o", "retries": 0,
+               "fallbacks": ["backup"]},
+              {"name": "backup", "provider": "openai", "model": "gpt-4o-mini", "retries": 0}]
+    async with gateway(config(models=models)) as g:
+        down = {"primary": True}
+        n = {"calls": 0}
+
+        def answer(request: httpx.Request) -> httpx.Response:
+            model = orjson.loads(request.content)["model"]
+            if model == "gpt-4o" and down["primary"]:
+                return httpx.Response(503, json={"error": {"message": "down", "type": "server_error"}})
+            n["calls"] += 1
+            return httpx.Response(200, json=chat_answer(f"{model} answer {n['calls']}"))
+
+        g.chat.side_effect = answer
+        body = {**DET, "model": "primary"}
+        assert content(await g.post(body)) == "gpt-4o-mini answer 1"  # the fallback served it
+        down["primary"] = False
+        assert content(await g.post(body)) == "gpt-4o answer 2"  # not the fallback's, stored
+        assert content(await g.post(body)) == "gpt-4o answer 2"  # the primary's own is cached
+        assert content(await g.post({**DET, "model": "backup"})) == "gpt-4o-mini answer 3"

@@ -5,8 +5,8 @@
   that do not change the answer (:data:`request.IGNORED`: ``user``, ``stream``,
   ``stream_options``, …), serialised by orjson with sorted keys.
 - **What is cached**: embeddings, and chat/text completions with ``temperature: 0``;
-  other calls only for models that ``cache.models`` marks ``sampled: true``. Errors and
-  streams that were cut short or failed never are.
+  other calls only for models that ``cache.models`` marks ``sampled: true``. Errors,
+  streams that were cut short or failed, and answers a fallback model gave never are.
 - **TTL**: per operation (``cache.ttl``; chat is ``ttl_seconds``), per model
   (``cache.models.<name>.ttl_seconds``), per request (``x-aiproxy-cache-ttl``).
 - **Per request**: ``Cache-Control: no-cache`` skips the lookup but stores the answer;
@@ -45,10 +45,12 @@ _ANSWER_FIELD = {"chat": "choices", "completion": "choices", "embedding": "data"
 
 @dataclass(slots=True)
 class _Pending:
-    """What lookup decided, for store: where the answer goes and for how long."""
+    """What lookup decided, for store: where the answer goes, for how long, and the
+    upstream model the key names (an answer from another one, a fallback's, is not stored)."""
 
     key: str
     ttl: float
+    model: str | None
 
 
 class ResponseCache:
@@ -107,7 +109,7 @@ class ResponseCache:
         if key is None or ttl is None:
             self._skip(call)
             return None
-        call.state["cache"] = _Pending(key, ttl)
+        call.state["cache"] = _Pending(key, ttl, call.upstream_model)
         call.collect = True  # a streamed answer is assembled for store
         if no_cache:
             self._skip(call)
@@ -142,6 +144,8 @@ class ResponseCache:
     def aiproxy_cache_store(self, call: Call, reply: Reply) -> None:
         pending = call.state.get("cache")
         if not isinstance(pending, _Pending) or call.cached or call.error is not None:
+            return
+        if call.upstream_model != pending.model:  # served by a fallback: not the key's model
             return
         data = reply.data
         if not data.get(_ANSWER_FIELD.get(call.operation, "choices")):
