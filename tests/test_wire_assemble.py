@@ -233,3 +233,38 @@ def split_streams(draw: st.DrawFn) -> tuple[dict[str, Any], list[bytes]]:
 def test_assemble_joins_a_stream_split_anywhere(case):
     answer, events = case
     assert wire.assemble(events) == expected(answer, include_usage=True)
+
+
+@settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(case=split_streams(), data=st.data())
+def test_folding_a_stream_as_it_goes_changes_nothing_it_adds_up_to(case, data):
+    """The gateway folds a long stream's sent events every FOLD_AT; wherever the folds
+    fall, and however often, the answer assembled at the end is the same."""
+    from aiproxy.gateway import fold
+
+    answer, events = case
+    cuts = sorted(data.draw(st.sets(st.integers(1, len(events)), max_size=4)))
+    held: list[bytes] = []
+    last = 0
+    for cut in cuts:
+        held = fold(held + events[last:cut])
+        last = cut
+    held += events[last:]
+    assert wire.assemble(held) == wire.assemble(events) == expected(answer, include_usage=True)
+
+
+def test_a_long_stream_holds_a_bounded_number_of_events():
+    from aiproxy.gateway import FOLD_AT, fold
+
+    head = {"id": "c1", "created": 1, "model": "m"}
+    held: list[bytes] = []
+    for n in range(5 * FOLD_AT):
+        held.append(sse.event(wire.chat_chunk(**head, delta={"content": f"{n} "})))
+        if len(held) >= FOLD_AT:
+            held[:] = fold(held)
+        assert len(held) < FOLD_AT
+    held.append(sse.event(wire.chat_chunk(**head, delta={}, finish_reason="stop")))
+    got = wire.assemble(held)
+    assert got is not None
+    assert got["choices"][0]["message"]["content"] == "".join(f"{n} " for n in range(5 * FOLD_AT))
+    assert got["choices"][0]["finish_reason"] == "stop"

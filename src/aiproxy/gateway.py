@@ -205,6 +205,8 @@ class Gateway:
                 yield first
                 async for chunk in events:
                     sent.append(chunk)
+                    if len(sent) >= FOLD_AT:
+                        sent[:] = fold(sent)
                     yield chunk
             complete = True
             yield sse.DONE
@@ -272,6 +274,18 @@ class Gateway:
         except Exception:
             call = kwargs.get("call")
             log.exception("%s failed for request %s", hook, getattr(call, "request_id", "?"))
+
+
+#: A long stream's sent events are folded into what they add up to every this many events,
+#: so what a stream holds for its settle step stays bounded (~35 KB) however long it runs.
+FOLD_AT = 128
+
+
+def fold(events: list[bytes]) -> list[bytes]:
+    """``events`` as the few events of the answer they add up to so far: assembling the
+    result and the rest gives what assembling all of them would."""
+    data = wire.assemble(events)
+    return [] if data is None else [sse.event(chunk) for chunk in wire.replay_chunks(data, True)]
 
 
 async def _replay(reply: Reply, include_usage: bool) -> AsyncIterator[bytes]:
