@@ -127,6 +127,21 @@ def post(port: int, body: bytes = BODY, headers: dict[str, str] | None = None, t
         conn.close()
 
 
+def stage_headers(port: int, headers: dict[str, str]) -> dict[str, str]:
+    """One cacheable call (a new body each time): the answer's stage headers, to prove the
+    stages under test really ran (x-aiproxy-cache, x-aiproxy-cost, x-ratelimit-*)."""
+    body = (b'{"model":"bench-model","messages":[{"role":"user","content":"check ' + os.urandom(6).hex().encode()
+            + b'"}],"max_tokens":16,"temperature":0}')
+    conn = http.client.HTTPConnection("127.0.0.1", port, timeout=10)
+    try:
+        conn.request("POST", CHAT_PATH, body, {"content-type": "application/json", **headers})
+        resp = conn.getresponse()
+        resp.read()
+        return {k.lower(): v for k, v in resp.getheaders() if k.lower().startswith(("x-aiproxy", "x-ratelimit"))}
+    finally:
+        conn.close()
+
+
 def wait_first_200(port: int, proc: subprocess.Popen[bytes], limit: float, headers: dict[str, str]) -> float:
     """Seconds from now until a chat completion through ``port`` answers 200."""
     start = time.perf_counter()
@@ -158,9 +173,12 @@ _SOCK = re.compile(r"Socket errors: connect (\d+), read (\d+), write (\d+), time
 
 
 def wrk(port: int, conns: int, seconds: float, core: int | None, auth: str | None = None,
-        cpu_pid: int | None = None) -> Load:
-    """A closed loop of ``conns`` connections for ``seconds`` s (wrk), with the CPU ``cpu_pid`` used."""
-    env = {**os.environ, "BENCH_AUTH": auth or ""}
+        cpu_pid: int | None = None, unique: bool = False) -> Load:
+    """A closed loop of ``conns`` connections for ``seconds`` s (wrk), with the CPU ``cpu_pid`` used.
+
+    ``unique``: every request's body differs (and is cacheable), so a response cache misses.
+    """
+    env = {**os.environ, "BENCH_AUTH": auth or "", "BENCH_UNIQUE": os.urandom(6).hex() if unique else ""}
     cmd = pinned(["wrk", "-t1", f"-c{conns}", f"-d{seconds:g}s", "--timeout", "10s", "-s",
                   str(HERE / "post.lua"), f"http://127.0.0.1:{port}{CHAT_PATH}"], core)
     before = cpu_seconds(cpu_pid) if cpu_pid else 0.0

@@ -158,7 +158,7 @@ def load_table(r: dict[str, Any], rows: list[Any], levels: tuple[int, ...] = (1,
 
 def markdown(r: dict[str, Any], quick: bool) -> str:
     m, st, d = r["machine"], r["settings"], r["direct"]
-    gateways = [r.get("bare"), r.get("stages"), r.get("litellm")]
+    gateways = [r.get("bare"), r.get("stages"), r.get("stages-redis-pg"), r.get("litellm")]
     lines = [
         "# aiproxy benchmark results" + (" (quick run)" if quick else ""),
         "",
@@ -177,12 +177,17 @@ def markdown(r: dict[str, Any], quick: bool) -> str:
         f"{st['streams']} streams one after another from a small asyncio client, upstream chunks "
         f"{st['chunk_delay_ms']:g} ms apart.",
         "",
-        "**Configurations.** *bare*: no master key, the keys and database plugins disabled; the "
-        "openai provider to the fake. *stages*: every stage that exists so far: a master key, and "
-        "each call authenticated by a virtual key (`keys.required`, a declared key, SQLite database; "
-        "looked up in the in-process key cache, no database round trip). The rate-limit, cache, cost "
-        "and usage-log stages do not exist yet (their issues are open), so the *stages* figures are "
-        "pending them; the Redis + PostgreSQL configuration likewise."
+        "**Configurations.** *bare*: no master key, no stage plugin (keys, database, limits, quotas, "
+        "cache, cost, usage, metrics disabled); the openai provider to the fake. *stages* (the targets "
+        "are for it): every stage on, in process: a master key; each call authenticated by a virtual "
+        "key (`keys.required`, a declared key of tier enterprise, looked up in the in-process key cache); "
+        "rate limits on requests and tokens per minute for the key, its user and tenant (tokens "
+        "estimated before, settled after), a monthly token plan and a USD budget, all far above what "
+        "the run reaches; the response cache looked up and missed on every call (every body differs, "
+        "temperature 0) then stored; cost priced; one usage-log row per call written in batches to "
+        "SQLite; Prometheus metrics. *stages-redis-pg*: the same with `redis.url` set (limits, quotas, "
+        "cache, cost spend and cooldowns in Redis) and the database on PostgreSQL "
+        "(`--redis-url` / `--database-url`)."
         + (f" *LiteLLM proxy*: {r['litellm'].note}, in its own virtual environment "
            "(bench/.venvs/litellm), on the same fake upstream." if r.get("litellm") and r["litellm"].load
            else ""),

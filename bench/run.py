@@ -69,21 +69,46 @@ class Target:
 VIRTUAL_KEY = "sk-bench" + "0" * 38  # the shape of a virtual key: sk- and 43 characters
 
 
-def config_yaml(fast: int, slow: int, stages: bool, work: Path) -> str:
-    """*bare*: no stage at all. *stages*: every stage that exists so far (see report.py)."""
-    if stages:
-        digest = hashlib.sha256(VIRTUAL_KEY.encode()).hexdigest()
-        head = f"""server: {{host: 127.0.0.1, port: PORT, log_level: warning, master_key: {MASTER_KEY}}}
-plugins: {{dir: null}}
-database: {{url: "sqlite+aiosqlite:///{work}/bench.db", migrate_on_start: true}}
-keys:
+#: The stage sections of the "all stages" configurations: every stage on, none in the way.
+#: Limits, quotas and budgets are counted on every call (tokens estimated and settled) but
+#: set far above what a run reaches; every body differs (temperature 0), so the cache looks
+#: up and misses, then stores; cost prices the bench model; usage logs go to the database.
+STAGES = """keys:
   required: true
-  declared: [{{name: bench, hash: "sha256:{digest}"}}]
+  declared: [{name: bench, hash: "sha256:DIGEST", tier: enterprise}]
+limits:
+  tiers: {enterprise: {requests: 1000000000, tokens_per_minute: 1000000000000}}
+quotas:
+  plans: {enterprise: {monthly_tokens: 1000000000000000}}
+  budgets: {tiers: {enterprise: {key: {monthly_usd: 1000000000}}}}
+cache: {enabled: true}
+cost:
+  prices: {bench-model: {input: 2.5, output: 10, cached_input: 1.25}}
+  alert_threshold_usd: 1000000000
+usage: {}
+metrics: {}
+"""
+MODES = ("bare", "stages", "stages-redis-pg")
+STAGE_HEADERS = ("x-aiproxy-cache", "x-aiproxy-cost", "x-ratelimit-limit-requests", "x-ratelimit-limit-tokens")
+
+
+def config_yaml(fast: int, slow: int, mode: str, work: Path, *, redis_url: str | None = None,
+                database_url: str | None = None) -> str:
+    """*bare*: no stage at all. *stages*: every stage, in process, usage logs to SQLite.
+    *stages-redis-pg*: the same with Redis (limits, quotas, cache, cost, cooldowns) and PostgreSQL."""
+    if mode == "bare":
+        head = """server: {host: 127.0.0.1, port: PORT, log_level: warning}
+plugins: {dir: null, disable: [keys, database, limits, quotas, cache, cost, usage, metrics]}
 """
     else:
-        head = """server: {host: 127.0.0.1, port: PORT, log_level: warning}
-plugins: {dir: null, disable: [keys, database]}
-"""
+        digest = hashlib.sha256(VIRTUAL_KEY.encode()).hexdigest()
+        url = database_url if mode == "stages-redis-pg" else f"sqlite+aiosqlite:///{work}/bench.db"
+        head = f"""server: {{host: 127.0.0.1, port: PORT, log_level: warning, master_key: {MASTER_KEY}}}
+plugins: {{dir: null}}
+database: {{url: "{url}", migrate_on_start: true}}
+""" + STAGES.replace("DIGEST", digest)
+        if mode == "stages-redis-pg":
+            head += f'redis: {{url: "{redis_url}", prefix: "aiproxy-bench-{os.urandom(4).hex()}:"}}\n'
     return head + f"""providers:
   fast: {{plugin: openai, api_base: "http://127.0.0.1:{fast}/v1", api_key: sk-bench-upstream}}
   slow: {{plugin: openai, api_base: "http://127.0.0.1:{slow}/v1", api_key: sk-bench-upstream}}
@@ -93,12 +118,35 @@ models:
 """
 
 
+def fresh_database(admin_url: str, name: str = "aiproxy_bench") -> str:
+    """A new, empty PostgreSQL database ``name`` on the server of ``admin_url``; its URL."""
+    import asyncio
+
+    import asyncpg  # installed with aiproxy
+
+    plain = admin_url.replace("postgresql+asyncpg://", "postgresql://")
+
+    async def recreate() -> None:
+        conn = await asyncpg.connect(plain)
+        try:
+            await conn.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+            await conn.execute(f'CREATE DATABASE "{name}"')
+        finally:
+            await conn.close()
+
+    asyncio.run(recreate())
+    base, _, _ = admin_url.rpartition("/")
+    return f"{base}/{name}"
+
+
 class Bench:
     def __init__(self, settings: Settings, work: Path) -> None:
         self.s = settings
         self.work = work
         self.procs = Processes()
         self.fast = self.slow = 0
+        self.redis_url: str | None = None
+        self.database_url: str | None = None
 
     def log(self, name: str) -> Path:
         return self.work / f"{name}.log"
@@ -122,42 +170,51 @@ class Bench:
     # ------------------------------------------------------------ a gateway
     def gateway(self, name: str, cmd: list[str], port: int, auth: str | None, *, soak: bool,
                 levels: tuple[int, ...] = CONCURRENCY, stream_model: str = "bench-stream",
-                env: dict[str, str] | None = None, start_limit: float = 60) -> Target:
+                env: dict[str, str] | None = None, start_limit: float = 60, unique: bool = False) -> Target:
         t = Target(name)
         headers = {"authorization": f"Bearer {auth}"} if auth else {}
         proc = self.procs.start(measure.pinned(cmd, PROXY_CORE), self.log(name.replace(" ", "_")), env)
         try:
             t.cold_start_s = measure.wait_first_200(port, proc, start_limit, headers)
             t.rss_start_mb = measure.rss_mb(proc.pid)
-            measure.wrk(port, 16, min(2.0, self.s.seconds), LOAD_CORE, auth)  # warm-up
+            if unique:  # the staged configurations: every stage must show in the answer
+                seen = measure.stage_headers(port, headers)
+                missing = [h for h in STAGE_HEADERS if h not in seen]
+                if missing or seen.get("x-aiproxy-cache") != "miss":
+                    raise RuntimeError(f"{name}: a stage did not run (missing {missing}, saw {seen})")
+            measure.wrk(port, 16, min(2.0, self.s.seconds), LOAD_CORE, auth, unique=unique)  # warm-up
             for c in levels:
-                t.load[c] = measure.wrk(port, c, self.s.seconds, LOAD_CORE, auth, cpu_pid=proc.pid)
+                t.load[c] = measure.wrk(port, c, self.s.seconds, LOAD_CORE, auth, cpu_pid=proc.pid,
+                                        unique=unique)
             t.stream = measure.streams(port, self.s.streams, self.s.seconds * 3, auth,
                                        model=stream_model)
             if soak:
-                self.soak(t, port, auth, proc.pid)
+                self.soak(t, port, auth, proc.pid, unique)
             t.rss_after_mb = measure.rss_mb(proc.pid)
         finally:
             self.procs.stop(proc)
         return t
 
-    def soak(self, t: Target, port: int, auth: str | None, pid: int) -> None:
+    def soak(self, t: Target, port: int, auth: str | None, pid: int, unique: bool = False) -> None:
         """``soak_calls`` calls in slices, RSS sampled after each (bounded by ``soak_limit`` s)."""
         start = time.monotonic()
         t.rss_series = [measure.rss_mb(pid)]
         while t.soak_calls < self.s.soak_calls and time.monotonic() - start < self.s.soak_limit:
-            got = measure.wrk(port, 16, min(3.0, self.s.seconds / 3), LOAD_CORE, auth)
+            got = measure.wrk(port, 16, min(3.0, self.s.seconds / 3), LOAD_CORE, auth, unique=unique)
             t.soak_calls += got.requests
             t.rss_series.append(measure.rss_mb(pid))
 
-    def aiproxy(self, stages: bool, soak: bool) -> Target:
+    def aiproxy(self, mode: str, soak: bool) -> Target:
         port = measure.free_port()
-        path = self.work / f"{'stages' if stages else 'bare'}.yaml"
-        path.write_text(config_yaml(self.fast, self.slow, stages, self.work).replace("PORT", str(port)))
+        path = self.work / f"{mode}.yaml"
+        database_url = fresh_database(self.database_url) if mode == "stages-redis-pg" and \
+            self.database_url else None
+        path.write_text(config_yaml(self.fast, self.slow, mode, self.work, redis_url=self.redis_url,
+                                    database_url=database_url).replace("PORT", str(port)))
         exe = shutil.which("aiproxy", path=str(Path(sys.executable).parent)) or "aiproxy"
-        name = f"aiproxy {'stages' if stages else 'bare'}"
-        return self.gateway(name, [exe, "serve", "--config", str(path)], port,
-                            VIRTUAL_KEY if stages else None, soak=soak)
+        staged = mode != "bare"
+        return self.gateway(f"aiproxy {mode}", [exe, "serve", "--config", str(path)], port,
+                            VIRTUAL_KEY if staged else None, soak=soak, unique=staged)
 
     def transport(self, name: str) -> Target:
         port = measure.free_port()
@@ -202,6 +259,10 @@ def main() -> int:
     parser.add_argument("--quick", action="store_true", help="short points and a 10,000-call soak")
     parser.add_argument("--compare", choices=["litellm"], help="also measure another gateway")
     parser.add_argument("--no-transports", action="store_true", help="skip the upstream-client comparison")
+    parser.add_argument("--redis-url", help="with --database-url: also run all stages on this Redis "
+                                            "(e.g. redis://127.0.0.1:6379/14) and PostgreSQL")
+    parser.add_argument("--database-url", help="a PostgreSQL server the bench may create the database "
+                                               "aiproxy_bench on (postgresql+asyncpg://user@host/db)")
     parser.add_argument("--out", type=Path, help="markdown results (default bench/RESULTS.md; "
                                                   "--quick: bench/results/raw/quick.md)")
     args = parser.parse_args()
@@ -225,9 +286,11 @@ def main() -> int:
             step = print
             step("direct …", flush=True)
             results["direct"] = bench.direct()
-            for stages in (False, True):
-                step(f"aiproxy {'stages' if stages else 'bare'} …", flush=True)
-                results["stages" if stages else "bare"] = bench.aiproxy(stages, soak=True)
+            bench.redis_url, bench.database_url = args.redis_url, args.database_url
+            modes = MODES if args.redis_url and args.database_url else MODES[:2]
+            for mode in modes:
+                step(f"aiproxy {mode} …", flush=True)
+                results[mode] = bench.aiproxy(mode, soak=True)
             results["transports"] = []
             if not args.no_transports:
                 for name in TRANSPORTS:
