@@ -130,14 +130,16 @@ def post(port: int, body: bytes = BODY, headers: dict[str, str] | None = None, t
 def stage_headers(port: int, headers: dict[str, str]) -> dict[str, str]:
     """One cacheable call (a new body each time): the answer's stage headers, to prove the
     stages under test really ran (x-aiproxy-cache, x-aiproxy-cost, x-ratelimit-*)."""
-    body = (b'{"model":"bench-model","messages":[{"role":"user","content":"check ' + os.urandom(6).hex().encode()
+    nonce = os.urandom(6).hex().encode()
+    body = (b'{"model":"bench-model","messages":[{"role":"user","content":"check ' + nonce
             + b'"}],"max_tokens":16,"temperature":0}')
     conn = http.client.HTTPConnection("127.0.0.1", port, timeout=10)
     try:
         conn.request("POST", CHAT_PATH, body, {"content-type": "application/json", **headers})
         resp = conn.getresponse()
         resp.read()
-        return {k.lower(): v for k, v in resp.getheaders() if k.lower().startswith(("x-aiproxy", "x-ratelimit"))}
+        return {k.lower(): v for k, v in resp.getheaders()
+                if k.lower().startswith(("x-aiproxy", "x-ratelimit"))}
     finally:
         conn.close()
 

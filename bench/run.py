@@ -89,7 +89,8 @@ usage: {}
 metrics: {}
 """
 MODES = ("bare", "stages", "stages-redis-pg")
-STAGE_HEADERS = ("x-aiproxy-cache", "x-aiproxy-cost", "x-ratelimit-limit-requests", "x-ratelimit-limit-tokens")
+STAGE_HEADERS = ("x-aiproxy-cache", "x-aiproxy-cost", "x-ratelimit-limit-requests",
+                 "x-ratelimit-limit-tokens")
 
 
 def config_yaml(fast: int, slow: int, mode: str, work: Path, *, redis_url: str | None = None,
