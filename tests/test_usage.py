@@ -323,3 +323,17 @@ async def test_rows_json_cannot_spell_as_they_are_still_reach_the_spool_and_the_
     assert [row["request_id"] for row in written] == [f"odd-{i}" for i in range(7)]
     assert written[0]["metadata"]["by_choice"] == {"0": "first", "1": "second"}
     assert written[3]["total_tokens"] == 2**31 - 1  # as far as the column goes
+
+
+def test_a_spool_another_worker_deletes_while_this_one_looks_is_passed_over(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Between seeing a file (exists) and sizing it (stat), the worker replaying it may
+    finish and delete it: at start-up that raised FileNotFoundError and the worker died."""
+    spool = Spool(tmp_path / "spool")
+    gone = tmp_path / "spool.1"  # seen by exists(), deleted before stat()
+    real_exists = Path.exists
+    monkeypatch.setattr(Path, "exists", lambda self, **kw: self == gone or real_exists(self, **kw))
+    assert spool.adopt() is False
+    spool.append([_row(1)])  # and the spool still works
+    assert spool.path == tmp_path / "spool" and spool.pending()
+    spool.close()

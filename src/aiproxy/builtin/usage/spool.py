@@ -81,7 +81,10 @@ class Spool:
         if self._file is not None:
             return self.pending()
         for path in self.slots():
-            if not path.exists() or path.stat().st_size == 0:
+            try:
+                if path.stat().st_size == 0:
+                    continue
+            except FileNotFoundError:  # none, or another worker just replayed and deleted it
                 continue
             if self._claim(path, create=False) and self.pending():
                 log.info("usage spool %s holds rows from before; replaying them", path)
