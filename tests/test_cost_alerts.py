@@ -301,3 +301,46 @@ async def test_spend_waits_out_a_redis_outage_and_loses_nothing(gateway, prefix)
                 await stage.spend.flush()
                 await stage.spend.settled()
                 assert [(x["tenant"], x["spend_usd"]) for x in hook.bodies] == [("acme", "0.00375")]
+
+
+@needs_redis
+async def test_a_shutdown_during_a_flush_loses_no_spend(prefix):
+    # before: aclose cancelled the flusher while its pipeline was in flight, and the batch
+    # it had taken was neither in Redis nor kept for the last flush
+    from aiproxy.builtin.cost.alerts import Spend
+    from aiproxy.builtin.cost.notifiers import Notifiers
+
+    spend = Spend(Decimal(100), Notifiers([], [], None), redis_url=REDIS_URL, prefix=prefix,
+                  flush_interval=0.001)
+    entered, release = asyncio.Event(), asyncio.Event()
+    pipeline = spend.redis.pipeline
+
+    def held_pipeline(*args: Any, **kwargs: Any) -> Any:
+        pipe = pipeline(*args, **kwargs)
+        execute = pipe.execute
+
+        async def held_execute(*a: Any, **k: Any) -> Any:
+            entered.set()
+            await release.wait()
+            return await execute(*a, **k)
+
+        pipe.execute = held_execute
+        return pipe
+
+    spend.redis.pipeline = held_pipeline
+    spend.now = Clock(NOV)
+    spend.start()
+    spend.add("acme", 1_250_000)
+    await asyncio.wait_for(entered.wait(), 5)  # the flusher is inside its pipeline
+    closing = asyncio.create_task(spend.aclose())
+    for _ in range(5):
+        await asyncio.sleep(0)
+    release.set()
+    await asyncio.wait_for(closing, 10)
+    from redis.asyncio import Redis
+
+    client = Redis.from_url(REDIS_URL)
+    try:
+        assert await client.get(f"{prefix}cost:spend:2026-11:acme") == b"1250000"
+    finally:
+        await client.aclose()

@@ -62,6 +62,7 @@ class Spend:
         self._year = self._month = 0
         self._tasks: set[asyncio.Task[None]] = set()
         self._flusher: asyncio.Task[None] | None = None
+        self._flushing: asyncio.Future[None] | None = None  # the flush in flight, if any
         self._failing = False
 
     # ------------------------------------------------------------ per call (sync, in memory)
@@ -98,10 +99,16 @@ class Spend:
     async def _flush_every(self) -> None:
         while True:
             await asyncio.sleep(self.flush_interval)
-            try:
-                await self.flush()
-            except Exception:  # a bug must not stop the flushing for good
-                log.exception("cost: flushing spend totals failed")
+            # shielded: a shutdown cancelling the loop must not cancel a flush in flight,
+            # which has taken the batch (aclose waits for it, then flushes what is left)
+            self._flushing = asyncio.ensure_future(self._flush_logged())
+            await asyncio.shield(self._flushing)
+
+    async def _flush_logged(self) -> None:
+        try:
+            await self.flush()
+        except Exception:  # a bug must not stop the flushing for good
+            log.exception("cost: flushing spend totals failed")
 
     async def flush(self) -> None:
         """Add the batch to the shared totals; alert for a tenant that crossed (once)."""
@@ -150,6 +157,9 @@ class Spend:
             self._flusher.cancel()
             await asyncio.gather(self._flusher, return_exceptions=True)
             self._flusher = None
+        if self._flushing is not None:
+            await self._flushing  # never raises: _flush_logged logs
+            self._flushing = None
         await self.flush()
         if self.pending:
             log.warning("cost: Redis unavailable at shutdown; the spend of %d tenant(s) since the last "
