@@ -89,11 +89,28 @@ def test_settling_gives_back_or_charges_tokens() -> None:
     verdict = store.take([tpm])
     assert remaining(tpm, verdict.ahead[0]) == 400
     assert not store.take([tpm]).admitted
-    store.settle([tpm], 100 - 600)  # it used 100 of the 600 it reserved
+    store.settle([tpm], 100 - 600, [verdict.at + verdict.ahead[0]])  # it used 100 of the 600
     assert remaining(tpm, store.tats["t"] - clock.now) == 900
-    assert store.take([tpm]).admitted
-    store.settle([tpm], 300)  # used more than reserved: charged afterwards
+    verdict = store.take([tpm])
+    assert verdict.admitted
+    store.settle([tpm], 300, [verdict.at + verdict.ahead[0]])  # used more than reserved: charged
     assert remaining(tpm, store.tats["t"] - clock.now) == 0
+
+
+def test_a_call_outlasting_a_swept_counter_is_charged_from_its_own_take() -> None:
+    clock = Clock()
+    store = LocalStore(clock, sweep_at=1)
+    tpm = rule("t", limit=1000, window=60, cost=100, kind="tokens")  # T = 60 ms; 6 s ahead
+    verdict = store.take([tpm])
+    clock.now += 10  # the call runs on; its counter is full again and swept with another's take
+    store.take([rule("a")])
+    store.take([rule("b")])
+    assert "t" not in store.tats
+    store.settle([tpm], 900, [verdict.at + verdict.ahead[0]])  # it used 1000: 60 s of the bucket
+    assert store.tats["t"] - clock.now == pytest.approx(50)  # dated from its take: 50 s ahead
+    assert remaining(tpm, store.tats["t"] - clock.now) == 166
+    store.settle([tpm], -2000, [verdict.at + verdict.ahead[0]])
+    assert store.tats["t"] <= clock.now  # a refund never charges: full again
 
 
 def test_counters_back_to_full_are_swept() -> None:

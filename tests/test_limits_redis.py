@@ -66,12 +66,16 @@ async def test_settling_moves_the_shared_counter(prefix: str) -> None:
     store = RedisStore(REDIS_URL)
     tpm = Rule(f"{prefix}limits:key:k:t", "tokens", 1000, 60.0, 700, "key 'k'")
     try:
-        assert (await store.take([tpm])).admitted
+        first = await store.take([tpm])
+        assert first.admitted
         assert not (await store.take([tpm])).admitted
-        await store.settle([tpm], 50 - 700)  # used 50 of 700
+        await store.settle([tpm], 50 - 700, [first.at + first.ahead[0]])  # used 50 of 700
         verdict = await store.take([tpm])
         assert verdict.admitted and 700 * 0.06 + 50 * 0.06 - 1 < verdict.ahead[0] <= 750 * 0.06
-        await store.settle([tpm], -10_000)  # more than it holds: the counter is simply full again
+        # more than it holds: the counter is simply full again
+        await store.settle([tpm], -10_000, [verdict.at + verdict.ahead[0]])
+        assert await store.redis.exists(tpm.key) == 0
+        await store.settle([tpm], -5, [verdict.at + verdict.ahead[0]])  # a refund makes no key
         assert await store.redis.exists(tpm.key) == 0
     finally:
         await store.aclose()
@@ -187,3 +191,21 @@ async def test_redis_going_away_fails_closed_with_503_when_configured(prefix: st
             tcp.restore()
             g.clock.now += 1.5
             assert await g.statuses(2) == [200, 429]  # enforced again, from where it was
+
+
+async def test_a_call_that_outlasts_its_reservation_is_still_charged_what_it_used(prefix: str) -> None:
+    # TPM 6000: T = 10 ms a token. The call reserves its prompt plus 20 (well under a second of
+    # the bucket), so Redis expires the counter (full again) while the upstream still works
+    # (1.5 s). Its real usage, 2000 tokens (20 s of the bucket), must still be charged then,
+    # dated from its own take, as the in-process store does; it used to be dropped with the key.
+    redis = {"url": REDIS_URL, "prefix": prefix}
+    async with limited({"tiers": {"pro": {"tokens_per_minute": 6000}}}, redis=redis) as g:
+        body: dict[str, Any] = {**CHAT, "max_tokens": 20}
+        slow = await g.chat(PRO_KEY, **body, mock={"tokens": 2000, "latency_ms": 1500})
+        assert slow.status_code == 200
+        used = slow.json()["usage"]["total_tokens"]
+        assert used > 2000
+        after = await g.chat(PRO_KEY, **body)
+        left = int(after.headers["x-ratelimit-remaining-tokens"])
+        # about 6000 - used - estimate, plus what came back since the call ended: far from full
+        assert left < 6000 - estimate(body, 20) - used // 2, after.headers

@@ -43,6 +43,7 @@ class Held:
 
     rules: list[Rule]
     estimate: int
+    taken: list[float]  # each rule's tat after the take (the store's clock), if it expires
 
 
 class Limits:
@@ -174,7 +175,9 @@ class Limits:
         call.response_headers.update(headers(rules, verdict.ahead))
         held = [r for r in rules if r.kind == "tokens"]
         if held:
-            call.state[STATE] = Held(held, held[0].cost)
+            at = verdict.at
+            taken = [at + a for r, a in zip(rules, verdict.ahead, strict=True) if r.kind == "tokens"]
+            call.state[STATE] = Held(held, held[0].cost, taken)
 
     # ------------------------------------------------------------ settling tokens
     @hookimpl
@@ -200,7 +203,7 @@ class Limits:
         if delta == 0:
             return None
         if self.remote is None:
-            self.local.settle(held.rules, delta)
+            self.local.settle(held.rules, delta, held.taken)
             return None
         return self._settle_shared(held, delta)
 
@@ -209,7 +212,7 @@ class Limits:
         if self.clock() < self.down_until:
             return
         try:
-            await self.remote.settle(held.rules, delta)
+            await self.remote.settle(held.rules, delta, held.taken)
         except Exception as exc:
             self._failed(exc)
         else:

@@ -9,8 +9,10 @@ A limit of ``limit`` units per ``window`` seconds has an emission interval
 so a full bucket lets ``limit`` through at once, and capacity then comes back one unit
 every ``T`` seconds: a sliding window, never twice the limit across a boundary as
 fixed windows allow. Settling a reservation later adds ``delta * T`` (negative: a
-refund). One call's limits (key, user, tenant, model; requests and tokens) are taken
-all or nothing: if any refuses, none is charged.
+refund) to the counter, or, when it is back to full and forgotten meanwhile (a call that
+outlasted its reservation), to the ``tat`` the call's own take left: the units it used
+are dated from its start either way. One call's limits (key, user, tenant, model;
+requests and tokens) are taken all or nothing: if any refuses, none is charged.
 """
 
 from __future__ import annotations
@@ -45,12 +47,14 @@ class Rule:
 @dataclass(slots=True)
 class Verdict:
     """The outcome of a take: ``ahead[i]`` is ``tat - now`` of rule ``i`` (after the take
-    if admitted, as it stands if refused); ``wait`` the seconds until it would be admitted."""
+    if admitted, as it stands if refused); ``wait`` the seconds until it would be admitted;
+    ``at`` the store's ``now`` (Redis's clock for Redis), so ``at + ahead[i]`` is the tat."""
 
     admitted: bool
     ahead: list[float]
     failed: int = -1  # the rule that refused (the one needing the longest wait)
     wait: float = 0.0
+    at: float = 0.0
 
 
 class LocalStore:
@@ -75,7 +79,7 @@ class LocalStore:
             if over > EPSILON and over > wait:
                 failed, wait = i, over
         if failed >= 0:
-            return Verdict(False, [b - now for b in before], failed, wait)
+            return Verdict(False, [b - now for b in before], failed, wait, now)
         after = []
         for rule, tat in zip(rules, before, strict=True):
             tat += rule.cost * rule.period
@@ -83,14 +87,18 @@ class LocalStore:
             after.append(tat - now)
         if len(tats) > self._sweep_at:
             self._sweep(now)
-        return Verdict(True, after)
+        return Verdict(True, after, at=now)
 
-    def settle(self, rules: Sequence[Rule], delta: int) -> None:
-        """Add ``delta`` units to each rule's counter (negative: give them back)."""
-        for rule in rules:
+    def settle(self, rules: Sequence[Rule], delta: int, taken: Sequence[float]) -> None:
+        """Add ``delta`` units to each rule's counter (negative: give them back); ``taken[i]``
+        is the tat rule ``i``'s take left, for a counter swept meanwhile."""
+        for rule, mine in zip(rules, taken, strict=True):
             tat = self.tats.get(rule.key)
-            if tat is not None:
-                self.tats[rule.key] = tat + delta * rule.period
+            if tat is None:
+                if delta <= 0:
+                    continue
+                tat = mine
+            self.tats[rule.key] = tat + delta * rule.period
 
     def _sweep(self, now: float) -> None:
         """Forget counters that are back to full (tat in the past): they hold nothing."""
