@@ -477,3 +477,25 @@ def test_cost_settings_that_are_not_finite_stop_start_up_naming_them(cost, messa
     with pytest.raises(PluginError) as e:
         create_app(cfg)
     assert message in str(e.value)
+
+
+@pytest.mark.parametrize(("value", "expected"), [("True", True), ("YES", True), (" on ", True), (True, True),
+                                                 ("False", False), ("0", False), ("", False)])
+def test_smtp_starttls_is_read_in_any_case(value, expected):
+    # AI_SMTP_STARTTLS=True was read as false: the login and its password then went to
+    # the SMTP server without TLS
+    from aiproxy.builtin.cost import CostStage
+
+    cfg = config(MODELS, cost={"alert_threshold_usd": 1, "alert_email": "ops@x.test",
+                               "smtp": {"host": "smtp.x.test", "starttls": value, "tls": value}})
+    smtp = CostStage(cfg).spend.notifiers.smtp
+    assert (smtp.starttls, smtp.tls) == (expected, expected)
+
+
+def test_a_smtp_flag_that_is_not_true_or_false_stops_start_up_naming_it():
+    cfg = config(MODELS, cost={"alert_threshold_usd": 1, "alert_email": "ops@x.test",
+                               "smtp": {"host": "smtp.x.test", "starttls": "ture", "tls": 2}})
+    with pytest.raises(PluginError) as e:
+        create_app(cfg)
+    assert "cost.smtp.starttls: expected true or false, got 'ture'" in str(e.value)
+    assert "cost.smtp.tls: expected true or false, got 2" in str(e.value)

@@ -268,13 +268,29 @@ def _smtp(raw: Any, errors: list[str]) -> Smtp | None:
     host = raw.get("host")
     if not host:
         return None
-    tls = raw.get("tls") in (True, "true", "yes", "on", "1")
+    tls = _flag(raw.get("tls"), "cost.smtp.tls", errors)
     port = _number(raw.get("port"), "cost.smtp.port", errors, 465 if tls else 25)
     return Smtp(host=str(host), port=int(port), sender=str(raw.get("from") or "aiproxy@localhost"),
-                starttls=raw.get("starttls") in (True, "true", "yes", "on", "1"), tls=tls,
+                starttls=_flag(raw.get("starttls"), "cost.smtp.starttls", errors), tls=tls,
                 username=str(raw["username"]) if raw.get("username") else None,
                 password=str(raw["password"]) if raw.get("password") else None,
                 timeout=_number(raw.get("timeout"), "cost.smtp.timeout", errors, 10.0) or 10.0)
+
+
+_FLAGS = {"true": True, "yes": True, "on": True, "1": True, "false": False, "no": False, "off": False,
+          "0": False, "": False}
+
+
+def _flag(value: Any, path: str, errors: list[str]) -> bool:
+    """true/false in any case (what ``${VAR}`` writes); anything else is named, not taken
+    for false (a misread starttls would send the SMTP password without TLS)."""
+    if value is None or isinstance(value, bool):
+        return bool(value)
+    found = _FLAGS.get(value.strip().lower()) if isinstance(value, str) else None
+    if found is None:
+        errors.append(f"{path}: expected true or false, got {value!r}")
+        return False
+    return found
 
 
 def aiproxy_plugin(config: Config) -> CostStage:
