@@ -337,3 +337,20 @@ def test_a_spool_another_worker_deletes_while_this_one_looks_is_passed_over(
     spool.append([_row(1)])  # and the spool still works
     assert spool.path == tmp_path / "spool" and spool.pending()
     spool.close()
+
+
+async def test_a_spooled_row_with_a_bad_time_does_not_halt_the_replay(
+        gateway: Any, migrated_url: str, tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    """Before: fromisoformat raised in every replay, so neither that row nor any after it
+    (the spool, then every new call, as the queue overflowed into it) was ever written."""
+    spool = tmp_path / "spool"
+    odd = {**_row(1), "created_at": "yesterday-ish"}
+    spool.write_bytes(b"".join(orjson.dumps(row, default=str) + b"\n" for row in (_row(0), odd, _row(2))))
+    async with gateway(usage_config(migrated_url, spool, flush_interval=0.02)) as (http, _):
+        await wait_for(lambda: _count_at_least(migrated_url, 3), within=10, what="the spool replayed")
+        r = await http.post("/v1/chat/completions", json=MOCK_CHAT, headers={"x-request-id": "next"})
+        assert r.status_code == 200
+    written = await rows(migrated_url)
+    assert [row["request_id"] for row in written] == ["w-000", "w-001", "w-002", "next"]
+    assert written[1]["metadata"]["spooled_created_at"] == "yesterday-ish"  # kept, not guessed at
+    assert any("w-001" in rec.getMessage() for rec in caplog.records if rec.levelno >= logging.WARNING)

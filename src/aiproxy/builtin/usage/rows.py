@@ -7,7 +7,9 @@ no formatting, no I/O); the flusher turns captured calls into rows, each with it
 
 from __future__ import annotations
 
+import contextlib
 import datetime as dt
+import logging
 import os
 import re
 import time
@@ -18,6 +20,8 @@ from aiproxy.storage.models import utcnow
 if TYPE_CHECKING:
     from aiproxy.call import Call
     from aiproxy.errors import ProxyError
+
+log = logging.getLogger("aiproxy.usage")
 
 #: every column the stage writes, with the value a row read back from an older spool lacks
 COLUMNS: dict[str, Any] = {
@@ -115,12 +119,19 @@ def materialize(captured: Captured) -> dict[str, Any]:
 def from_spool(row: dict[str, Any]) -> dict[str, Any]:
     """A row read back from the spool (JSON), ready for the insert again."""
     out = {name: row.get(name, default) for name, default in COLUMNS.items()}
-    created = out["created_at"]
-    if isinstance(created, str):
-        parsed = dt.datetime.fromisoformat(created)
-        out["created_at"] = parsed if parsed.tzinfo else parsed.replace(tzinfo=dt.UTC)
-    elif created is None:
-        out["created_at"] = utcnow()
     if not isinstance(out["meta"], dict):
         out["meta"] = {}
+    created = out["created_at"]
+    parsed = None
+    if isinstance(created, str):
+        with contextlib.suppress(ValueError):
+            parsed = dt.datetime.fromisoformat(created)
+    if parsed is not None:
+        out["created_at"] = parsed if parsed.tzinfo else parsed.replace(tzinfo=dt.UTC)
+    else:  # a spool edited by hand, or from another version: keep the row, say what it said
+        out["created_at"] = utcnow()
+        if created is not None:
+            out["meta"] = {**out["meta"], "spooled_created_at": str(created)[:100]}
+            log.warning("usage spool: row %s (request %s) had created_at %r; written with the "
+                        "time of its replay", out["uid"], out["request_id"], str(created)[:100])
     return out
