@@ -306,6 +306,9 @@ async def test_metrics_path_is_configurable(gateway):
     ({"require_key": "sometimes"}, "metrics.require_key: expected true or false"),
     ({"path": "/v1/metrics"}, "metrics.path: '/v1/metrics' is under /v1"),
     ({"path": "metrics"}, "metrics.path: expected a path like /metrics"),
+    ({"path": "//"}, "metrics.path: expected a path like /metrics"),  # was a bare AssertionError
+    ({"path": "/metrics?x=1"}, "metrics.path: expected a path like /metrics"),  # a route nobody reaches
+    ({"path": "/metrics/{x}"}, "metrics.path: expected a path like /metrics"),  # a route pattern
     ({"latency_buckets": [1, 0.5]}, "metrics.latency_buckets: bounds must increase"),
     ({"ttft_buckets": [0.1, "soon"]}, "metrics.ttft_buckets[1]: expected a number above 0"),
     ({"max_wildcard_models": 2.5}, "metrics.max_wildcard_models: expected a whole number"),

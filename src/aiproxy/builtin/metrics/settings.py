@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import re
 from dataclasses import dataclass
 from typing import Any
 
@@ -14,6 +15,7 @@ TTFT_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.2, 0.3, 0.5, 0.75, 1.0, 1.5, 2.0, 3.0,
                 20.0, 30.0, 60.0)
 KEYS = ("path", "require_key", "key", "latency_buckets", "ttft_buckets", "max_wildcard_models",
         "sync_interval")
+_PATH = re.compile(r"(?:/[A-Za-z0-9._~-]+)+")
 _RESERVED = ("/v1", "/api/ai", "/health", "/ready")
 _TRUE = ("true", "yes", "on", "1")
 _FALSE = ("false", "no", "off", "0")
@@ -40,7 +42,8 @@ def parse_settings(raw: dict[str, Any], master_key: str | None) -> MetricsSettin
     if unknown:
         raise ValueError(f"metrics.{unknown[0]}: unknown setting (known: {', '.join(KEYS)})")
     path = raw.get("path", "/metrics")
-    if not isinstance(path, str) or not path.startswith("/") or len(path) < 2:
+    if not isinstance(path, str) or not _PATH.fullmatch(path.rstrip("/")):
+        # not "//" (an empty route), "?" (a route nobody reaches), "{x}" (a route pattern)
         raise ValueError(f"metrics.path: expected a path like /metrics, got {path!r}")
     path = path.rstrip("/")
     for reserved in _RESERVED:
