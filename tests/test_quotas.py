@@ -216,3 +216,13 @@ def test_numbers_from_the_environment_are_read() -> None:
     quotas = build_plugin_manager(config).get_plugin("quotas")
     assert quotas.settings.plans["free"].monthly_tokens == 1000
     assert quotas.settings.tier_budgets["free"]["key"].daily == 2.5
+
+
+async def test_a_budget_is_counted_in_exact_cents_not_float_sums() -> None:
+    # ten calls of $0.10 spend exactly $1.00: the eleventh is refused. As a float sum the
+    # spend was 0.9999999999999999 < 1, and an eleventh call went through.
+    clock = Clock(epoch(2026, 11, 27))
+    config = quota_config({"budgets": {"keys": {"config:d": {"daily_usd": 1}}}}, [key("d")])
+    async with started(config, clock, Cost(0.1)) as app:
+        assert [(await app.chat("d")).status_code for _ in range(11)] == [200] * 10 + [429]
+        assert "is $1.00 and $1.00 has been spent" in error_of(await app.chat("d"))["message"]

@@ -1,7 +1,8 @@
 """Where the running counters live: this process (default) or Redis (``redis.url``).
 
 A counter is a number under a name that includes its period
-(``tok:key:key_1:2026-11``, ``usd:user:usr_1:2026-11-27``), created at its ``seed``
+(``tok:key:key_1:2026-11`` in tokens, ``usd:user:usr_1:2026-11-27`` in whole
+nano-dollars), created at its ``seed``
 the first time it is touched and dropped a day after its period ends. Both backends
 take the same items and answer the same way:
 

@@ -26,6 +26,10 @@ from aiproxy.errors import ProxyError
 log = logging.getLogger("aiproxy.quotas")
 _DOWN = object()  # the shared counters cannot be reached and the stage fails open
 MAX_OWED = 100_000  # counters whose increments wait for Redis to come back
+#: budgets are counted in whole nano-dollars: a float sum of costs drifts (ten calls of
+#: $0.10 came to 0.9999999999999999, under a $1 cap); whole numbers add exactly (in
+#: process up to 2**53 nano-dollars, $9M; Redis's INCRBYFLOAT is exact further)
+NANO = 1_000_000_000
 LOG_EVERY = 60.0  # seconds between two "Redis is unreachable" errors in the log
 
 
@@ -49,7 +53,7 @@ class Plan:
     count_own: bool  # in process, the key's month is counted even with no rule on it
     day: str = ""  # the day the names below are for
     tokens: tuple[tuple[str, float, bool, float], ...] = ()  # counter, limit, own key's, expires_at
-    budgets: tuple[tuple[str, float, float], ...] = ()  # counter, cap, expires_at
+    budgets: tuple[tuple[str, float, float], ...] = ()  # counter, cap (nano-dollars), expires_at
     own: tuple[str, float] | None = None  # the key's own counter when no rule is on it
     seeded: bool = False  # a counter here starts from the key's stored usage
 
@@ -207,7 +211,8 @@ class Quotas:
         plan.day = day.name
         plan.tokens = tuple((f"tok:{r.scope}:{r.ident}:{month.name}", float(r.limit), r.own_key,
                              month.end + GRACE) for r in plan.rules.tokens)
-        plan.budgets = tuple((f"usd:{b.scope}:{b.ident}:{(day if b.daily else month).name}", b.cap,
+        plan.budgets = tuple((f"usd:{b.scope}:{b.ident}:{(day if b.daily else month).name}",
+                              float(round(b.cap * NANO)),
                               (day if b.daily else month).end + GRACE) for b in plan.rules.budgets)
         plan.own = (f"tok:key:{plan.key_id}:{month.name}", month.end + GRACE) if plan.count_own else None
         plan.seeded = plan.own is not None or any(r.own_key for r in plan.rules.tokens)
@@ -227,8 +232,8 @@ class Quotas:
                               type="insufficient_quota", code="insufficient_quota",
                               headers={"retry-after": str(wait)})
         budget = rules.budgets[index - n]
-        return ProxyError(429, f"Budget exceeded: {budget.label} is {_usd(budget.cap)} and {_usd(used)} "
-                          f"has been spent in {period.name} (UTC). {when}",
+        return ProxyError(429, f"Budget exceeded: {budget.label} is {_usd(budget.cap)} and "
+                          f"{_usd(used / NANO)} has been spent in {period.name} (UTC). {when}",
                           type="insufficient_quota", code="budget_exceeded",
                           headers={"retry-after": str(wait)})
 
@@ -251,8 +256,9 @@ class Quotas:
         items: list[Add] = [(name, used - reserved, seed, expires)
                             for name, reserved, seed, expires in held.tokens if used != reserved]
         cost = call.cost
-        if cost is not None and cost > 0:  # None: no cost stage said; count nothing
-            items += [(name, cost, 0.0, expires) for name, expires in held.usd]
+        if cost is not None and 0 < cost < math.inf:  # None: no cost stage said; count nothing
+            nanos = float(round(cost * NANO))
+            items += [(name, nanos, 0.0, expires) for name, expires in held.usd]
         if items:
             await self._add(items, self.clock())
         if held.key_id is not None and self.writer is not None:
