@@ -344,3 +344,42 @@ async def test_a_shutdown_during_a_flush_loses_no_spend(prefix):
         assert await client.get(f"{prefix}cost:spend:2026-11:acme") == b"1250000"
     finally:
         await client.aclose()
+
+
+@needs_redis
+async def test_an_alert_whose_mark_could_not_be_set_is_sent_at_the_next_flush(prefix):
+    # the INCRBY pipeline went through, then the SET NX of the alert mark failed: before,
+    # that flush stopped there (the other tenant that crossed in the same batch was not
+    # even looked at) and neither was looked at again unless it spent more that month
+    from redis.exceptions import ConnectionError as RedisConnectionError
+
+    from aiproxy.builtin.cost.alerts import Spend
+    from aiproxy.builtin.cost.notifiers import Notifiers
+
+    async with Webhook() as hook:
+        spend = Spend(Decimal("0.001"), Notifiers([hook.url], [], None), redis_url=REDIS_URL,
+                      prefix=prefix, flush_interval=3600)
+        spend.now = Clock(NOV)
+        real_set = spend.redis.set
+        failures = [RedisConnectionError("gone")]
+
+        async def set_once_failing(*args: Any, **kwargs: Any) -> Any:
+            if failures:
+                raise failures.pop()
+            return await real_set(*args, **kwargs)
+
+        spend.redis.set = set_once_failing
+        try:
+            spend.add("acme", 1_250_000)
+            spend.add("globex", 1_250_000)
+            await spend.flush()
+            await spend.settled()
+            assert hook.bodies == [] and spend.stats.backend_errors == 1
+            await spend.flush()  # no new spend: the alerts still owed go out
+            await spend.settled()
+            assert sorted(b["tenant"] for b in hook.bodies) == ["acme", "globex"]
+            await spend.flush()
+            await spend.settled()
+            assert len(hook.bodies) == 2
+        finally:
+            await spend.aclose()

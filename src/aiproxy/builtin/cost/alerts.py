@@ -58,6 +58,7 @@ class Spend:
         self.totals: dict[tuple[str, str], int] = {}  # in process: (tenant, period) → nanos
         self.pending: dict[tuple[str, str], int] = {}  # with Redis: not yet flushed
         self.marked: set[tuple[str, str]] = set()  # alerted (here or, with Redis, anywhere)
+        self.owed: dict[tuple[str, str], int] = {}  # with Redis: crossed, mark not yet set
         self._period = ""
         self._year = self._month = 0
         self._tasks: set[asyncio.Task[None]] = set()
@@ -112,32 +113,35 @@ class Spend:
 
     async def flush(self) -> None:
         """Add the batch to the shared totals; alert for a tenant that crossed (once)."""
-        if self.redis is None or not self.pending:
+        if self.redis is None or not (self.pending or self.owed):
             return
         batch, self.pending = self.pending, {}
-        keys = list(batch)
-        try:
-            async with self.redis.pipeline(transaction=False) as pipe:
-                for tenant, period in keys:
-                    name = f"{self.prefix}spend:{period}:{tenant}"
-                    pipe.incrby(name, batch[(tenant, period)])
-                    pipe.expire(name, MARK_TTL)
-                replies = await pipe.execute()
-        except Exception as exc:  # Redis down: keep the batch for the next flush, lose nothing
-            for key, nanos in batch.items():
-                self.pending[key] = self.pending.get(key, 0) + nanos
-            self._failed(exc)
-            return
-        for i, (tenant, period) in enumerate(keys):
-            total = int(replies[2 * i])
-            if total < self.limit or (tenant, period) in self.marked:
-                continue
+        if batch:
+            keys = list(batch)
+            try:
+                async with self.redis.pipeline(transaction=False) as pipe:
+                    for tenant, period in keys:
+                        name = f"{self.prefix}spend:{period}:{tenant}"
+                        pipe.incrby(name, batch[(tenant, period)])
+                        pipe.expire(name, MARK_TTL)
+                    replies = await pipe.execute()
+            except Exception as exc:  # Redis down: keep the batch for the next flush, lose nothing
+                for key, nanos in batch.items():
+                    self.pending[key] = self.pending.get(key, 0) + nanos
+                self._failed(exc)
+                return
+            for i, key in enumerate(keys):
+                total = int(replies[2 * i])
+                if total >= self.limit and key not in self.marked:
+                    self.owed[key] = total
+        for (tenant, period), total in list(self.owed.items()):
             try:  # the replica that sets the mark sends the alert
                 won = await self.redis.set(f"{self.prefix}alerted:{period}:{tenant}", "1",
                                            nx=True, ex=MARK_TTL)
-            except Exception as exc:  # not marked: the tenant's next flush tries again
+            except Exception as exc:  # still owed: the next flush tries again
                 self._failed(exc)
                 return
+            del self.owed[(tenant, period)]
             self.marked.add((tenant, period))
             if won:
                 self._alert(Alert(tenant, period, Decimal(total) / NANO, self.threshold, self.now()))
