@@ -78,6 +78,21 @@ def test_a_plugin_file_that_fails_to_import_is_named(tmp_path):
     assert "ModuleNotFoundError" in str(info.value)
 
 
+def test_a_bad_setting_in_a_plugins_section_is_a_config_error_naming_its_path(tmp_path):
+    """Not "plugin failed to start: ConfigError: …": the CLI prints it as any config error."""
+    (tmp_path / "strict.py").write_text(textwrap.dedent("""
+        from aiproxy.config import ConfigError
+
+        def aiproxy_plugin(config):
+            raise ConfigError(["strict.level: expected 1, 2 or 3, got 9"], config.source)
+        """))
+    with pytest.raises(ConfigError) as info:
+        build_plugin_manager(with_plugins_dir(tmp_path, strict={"level": 9}))
+    assert "strict.level: expected 1, 2 or 3, got 9" in str(info.value)
+    with pytest.raises(ConfigError, match="limits.tiers.free.requests"):
+        build_plugin_manager(make_config(limits={"tiers": {"free": {"requests": -3}}}))
+
+
 def test_a_file_cannot_shadow_a_builtin(tmp_path):
     (tmp_path / "mock.py").write_text("")
     with pytest.raises(PluginError, match="already loaded"):

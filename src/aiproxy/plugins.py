@@ -113,6 +113,8 @@ def _register(pm: PluginManager, config: Config, name: str, module: object, sour
     if callable(factory):
         try:
             plugin = factory(config)
+        except ConfigError:
+            raise  # a bad setting in the plugin's section: reported as every config error is
         except Exception as exc:
             raise PluginError(f"plugin {name!r} ({source}) failed to start: "
                               f"{type(exc).__name__}: {exc}") from exc
