@@ -12,6 +12,7 @@ from typing import Any
 import orjson
 import pytest
 from sqlalchemy.exc import DBAPIError, OperationalError
+from starlette.datastructures import Headers
 
 from aiproxy import hookimpl
 from aiproxy.app import create_app
@@ -19,6 +20,7 @@ from aiproxy.builtin.usage import rows as usage_rows
 from aiproxy.builtin.usage.spool import Spool
 from aiproxy.builtin.usage.writer import Writer, rejected
 from aiproxy.call import Call
+from aiproxy.errors import ProxyError
 from aiproxy.plugins import PluginError
 from aiproxy.storage.db import create_engine
 from aiproxy.storage.keys import KeyStore
@@ -354,3 +356,28 @@ async def test_a_spooled_row_with_a_bad_time_does_not_halt_the_replay(
     assert [row["request_id"] for row in written] == ["w-000", "w-001", "w-002", "next"]
     assert written[1]["metadata"]["spooled_created_at"] == "yesterday-ish"  # kept, not guessed at
     assert any("w-001" in rec.getMessage() for rec in caplog.records if rec.levelno >= logging.WARNING)
+
+
+async def test_a_call_that_ends_after_shutdown_is_spooled_for_the_next_start(
+        gateway: Any, migrated_url: str, tmp_path: Path) -> None:
+    """serve cancels streams still running 30 s into a shutdown, and the lifespan shutdown
+    goes on meanwhile: a stream's after-call can come after the usage stage stopped. That
+    row was counted dropped and lost; it goes to the spool, which the next start replays."""
+    spool = tmp_path / "spool"
+    cfg = usage_config(migrated_url, spool, **QUIET)
+    async with gateway(cfg) as (http, _):
+        plugin = http._transport.app.state.plugin_manager.get_plugin("usage")  # type: ignore[attr-defined]
+        r = await http.post("/v1/chat/completions", json=MOCK_CHAT, headers={"x-request-id": "before"})
+        assert r.status_code == 200
+    late = Call(request_id="late-stream", operation="chat", body={}, model="mock-gpt", stream=True,
+                headers=Headers())
+    plugin.aiproxy_after_call(late)
+    plugin.aiproxy_on_error(late, ProxyError(502, "upstream went away"))
+    assert plugin.flusher.counts["dropped"] == 0
+    assert await count(migrated_url) == 1
+    async with gateway(usage_config(migrated_url, spool)) as _:
+        await wait_for(lambda: _count_at_least(migrated_url, 3), within=10, what="the late rows")
+    written = await rows(migrated_url)
+    assert [(row["request_id"], row["status"]) for row in written] == [
+        ("before", 200), ("late-stream", 200), ("late-stream", 502)]
+    assert not spool.exists()

@@ -194,7 +194,7 @@ class UsageLogs:
         if self._enqueue is not None:
             self._enqueue(_rows.capture(call, None))
         elif self.closed:
-            self._late()
+            self._late(call, None)
 
     @hookimpl
     def aiproxy_on_error(self, call: Call, error: ProxyError) -> None:
@@ -203,11 +203,21 @@ class UsageLogs:
         if self._enqueue is not None:
             self._enqueue(_rows.capture(call, error))
         elif self.closed:
-            self._late()
+            self._late(call, error)
 
-    def _late(self) -> None:
-        assert self.flusher is not None
-        self.flusher.dropped(1, SpoolError("the call ended after the usage stage shut down"))
+    def _late(self, call: Call, error: ProxyError | None) -> None:
+        """A call that ended after shutdown (serve cancels streams still running 30 s into
+        it, while the shutdown goes on): its row goes to the spool for the next start."""
+        flusher = self.flusher
+        assert flusher is not None
+        try:
+            flusher.spool.append([_rows.from_call(call, error)])
+        except SpoolError as exc:
+            flusher.dropped(1, exc)
+        else:
+            flusher.counts["spooled"] += 1
+        finally:
+            flusher.spool.close()  # unlocked: the next start adopts it
 
     @hookimpl
     def aiproxy_stats(self) -> dict[str, float] | None:
