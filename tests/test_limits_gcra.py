@@ -11,7 +11,6 @@ from aiproxy.app import create_app
 from aiproxy.builtin.limits.gcra import LocalStore, Rule, duration, headers, remaining
 from aiproxy.builtin.limits.settings import Rate, key_override, parse_settings
 from aiproxy.config import ConfigError, load_config
-from aiproxy.plugins import PluginError
 from tests.conftest import make_config
 
 
@@ -196,7 +195,7 @@ def test_a_bad_setting_is_named_by_its_path(raw: dict[str, Any], message: str) -
 
 def test_a_bad_limits_section_stops_start_up_naming_the_setting() -> None:
     config = make_config(limits={"tiers": {"free": {"requests": -3}}})
-    with pytest.raises(PluginError) as info:
+    with pytest.raises(ConfigError) as info:
         create_app(config)
     assert "limits.tiers.free.requests: expected a whole number ≥ 1, got -3" in str(info.value)
 
@@ -204,7 +203,7 @@ def test_a_bad_limits_section_stops_start_up_naming_the_setting() -> None:
 def test_a_redis_url_redis_cannot_use_stops_start_up_without_echoing_it() -> None:
     config = make_config(limits={"tiers": {"free": {"requests": 3}}},
                          redis={"url": "http://user:hunter2@127.0.0.1:6379"})
-    with pytest.raises(PluginError) as info:
+    with pytest.raises(ConfigError) as info:
         create_app(config)
     assert "redis.url: not a URL Redis can use" in str(info.value)
     assert "hunter2" not in str(info.value)

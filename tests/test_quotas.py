@@ -12,7 +12,8 @@ import pytest
 
 from aiproxy import hookimpl, tokens
 from aiproxy.call import Call
-from aiproxy.plugins import PluginError, build_plugin_manager
+from aiproxy.config import ConfigError
+from aiproxy.plugins import build_plugin_manager
 from tests.conftest import make_config
 from tests.helpers import error_of
 from tests.quotas_support import MOCK, Clock, Cost, auth, epoch, key, quota_config, started
@@ -205,7 +206,7 @@ async def test_count_tokens_is_neither_refused_nor_counted() -> None:
     ({"flush_intervl": 3}, "quotas.flush_intervl: unknown setting (did you mean 'flush_interval'?)"),
 ])
 def test_a_bad_section_stops_start_up_naming_the_setting(section: dict[str, Any], message: str) -> None:
-    with pytest.raises(PluginError) as raised:
+    with pytest.raises(ConfigError) as raised:  # reported as every config error is
         build_plugin_manager(make_config(quotas=section))
     assert message in str(raised.value)
 
