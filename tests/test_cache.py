@@ -13,7 +13,8 @@ import pytest
 from aiproxy import hookimpl
 from aiproxy.builtin.cache.backends import MemoryBackend
 from aiproxy.call import Call
-from aiproxy.plugins import PluginError, build_plugin_manager
+from aiproxy.config import ConfigError
+from aiproxy.plugins import build_plugin_manager
 from tests.cache_support import (
     DET,
     EMBED,
@@ -284,7 +285,7 @@ async def test_disabled_the_cache_answers_nothing_and_says_nothing() -> None:
     ({"tll_seconds": 5}, "cache.tll_seconds: unknown setting"),
 ])
 def test_a_bad_cache_section_stops_start_up_naming_the_setting(cache: dict[str, Any], message: str) -> None:
-    with pytest.raises(PluginError) as info:
+    with pytest.raises(ConfigError) as info:
         build_plugin_manager(config(cache))
     assert message in str(info.value)
 
@@ -308,7 +309,7 @@ async def test_a_redis_url_redis_cannot_use_leaves_the_cache_in_process(
     ({"models": {"m": {"ttl_seconds": float("inf")}}}, "cache.models.m.ttl_seconds: expected a finite"),
 ])
 def test_a_ttl_that_is_not_finite_stops_start_up_naming_it(cache: dict[str, Any], message: str) -> None:
-    with pytest.raises(PluginError) as info:
+    with pytest.raises(ConfigError) as info:
         build_plugin_manager(config(cache))
     assert message in str(info.value)
 

@@ -19,7 +19,6 @@ from aiproxy.app import create_app
 from aiproxy.builtin.cost import prices
 from aiproxy.call import Call, Usage
 from aiproxy.config import ConfigError
-from aiproxy.plugins import PluginError
 from aiproxy.provider import Reply
 from tests.conftest import CHAT, OPENAI_BASE, make_config
 from tests.google_support import GEMINI, GENERATE, GOOGLE_BASE, GOOGLE_KEY
@@ -354,7 +353,7 @@ def test_bad_cost_settings_stop_start_up_naming_them():
     cfg = config(MODELS, cost={"prices": {"gpt-4o": {"input": -1, "output": 1}},
                                "alert_threshold_usd": "lots", "alert_email": "ops@example.com",
                                "colour": "red"})
-    with pytest.raises(PluginError) as e:
+    with pytest.raises(ConfigError) as e:
         create_app(cfg)
     text = str(e.value)
     assert "cost.prices.gpt-4o.input: must be at least 0" in text
@@ -474,7 +473,7 @@ def test_a_price_that_is_not_a_finite_number_is_a_config_error_naming_it(price, 
 ])
 def test_cost_settings_that_are_not_finite_stop_start_up_naming_them(cost, message):
     cfg = config(MODELS, cost={"alert_threshold_usd": 1, "alert_webhook": "http://127.0.0.1:9/x", **cost})
-    with pytest.raises(PluginError) as e:
+    with pytest.raises(ConfigError) as e:
         create_app(cfg)
     assert message in str(e.value)
 
@@ -495,7 +494,7 @@ def test_smtp_starttls_is_read_in_any_case(value, expected):
 def test_a_smtp_flag_that_is_not_true_or_false_stops_start_up_naming_it():
     cfg = config(MODELS, cost={"alert_threshold_usd": 1, "alert_email": "ops@x.test",
                                "smtp": {"host": "smtp.x.test", "starttls": "ture", "tls": 2}})
-    with pytest.raises(PluginError) as e:
+    with pytest.raises(ConfigError) as e:
         create_app(cfg)
     assert "cost.smtp.starttls: expected true or false, got 'ture'" in str(e.value)
     assert "cost.smtp.tls: expected true or false, got 2" in str(e.value)
