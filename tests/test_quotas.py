@@ -204,8 +204,10 @@ async def test_count_tokens_is_neither_refused_nor_counted() -> None:
     ({"budgets": {"tenants": ["t"]}}, "quotas.budgets.tenants: expected a mapping, got list"),
     ({"on_backend_error": "maybe"}, "quotas.on_backend_error: expected 'open' or 'closed'"),
     ({"flush_intervl": 3}, "quotas.flush_intervl: unknown setting (did you mean 'flush_interval'?)"),
+    (["plans"], "quotas: expected a mapping, got list"),  # was read as no section: no quotas at all
+    ("plans", "quotas: expected a mapping, got str"),
 ])
-def test_a_bad_section_stops_start_up_naming_the_setting(section: dict[str, Any], message: str) -> None:
+def test_a_bad_section_stops_start_up_naming_the_setting(section: Any, message: str) -> None:
     with pytest.raises(ConfigError) as raised:  # reported as every config error is
         build_plugin_manager(make_config(quotas=section))
     assert message in str(raised.value)

@@ -55,10 +55,11 @@ class QuotaSettings:
         return any(self.tier_budgets.values()) or any(self.budgets.values())
 
 
-def parse(section: dict[str, Any], source: str = "config") -> QuotaSettings:
+def parse(raw: Any, source: str = "config") -> QuotaSettings:
     """Read the section; raise ConfigError listing every problem with its path."""
     errors: list[str] = []
     out = QuotaSettings()
+    section = _mapping(raw, "quotas", errors)  # a list or a word here meant no quotas at all
     _unknown(section, _TOP, "quotas", errors)
     out.flush_interval = _number(section.get("flush_interval", 30), "quotas.flush_interval", errors)
     out.retry_seconds = _number(section.get("redis_retry_seconds", 5), "quotas.redis_retry_seconds",

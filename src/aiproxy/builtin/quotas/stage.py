@@ -63,7 +63,7 @@ _UNKNOWN = object()
 
 class Quotas:
     def __init__(self, config: Config, *, clock: Callable[[], float] = time.time) -> None:
-        self.settings = parse(config.section("quotas"), config.source)
+        self.settings = parse(config.sections.get("quotas"), config.source)
         self.clock = clock  # epoch seconds; periods are UTC days and months of it
         self.redis_url = config.redis_url
         self.prefix = str(config.section("redis").get("prefix") or "aiproxy:") + "quotas:"
