@@ -381,3 +381,25 @@ async def test_a_call_that_ends_after_shutdown_is_spooled_for_the_next_start(
     assert [(row["request_id"], row["status"]) for row in written] == [
         ("before", 200), ("late-stream", 200), ("late-stream", 502)]
     assert not spool.exists()
+
+
+def test_the_default_spool_is_in_the_working_folder_not_beside_the_config(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The image runs as an unprivileged user in /var/lib/aiproxy, its config in the
+    root-owned /etc/aiproxy (or a read-only mount): a spool beside the config could not be
+    written, so with PostgreSQL the gateway refused to start."""
+    from aiproxy.builtin.usage import UsageLogs
+    from aiproxy.config import load_config
+
+    etc, work = tmp_path / "etc", tmp_path / "work"
+    etc.mkdir()
+    work.mkdir()
+    (etc / "config.yaml").write_text("database:\n  url: postgresql+asyncpg://u@db.invalid/aiproxy\n")
+    monkeypatch.chdir(work)
+    assert UsageLogs(load_config(etc / "config.yaml")).spool_path == work / "aiproxy-usage.spool"
+    # a relative setting is still the config folder's, a SQLite database's spool beside it
+    (etc / "config.yaml").write_text("database:\n  url: postgresql+asyncpg://u@db.invalid/aiproxy\n"
+                                     "usage:\n  spool_path: spool/usage\n")
+    assert UsageLogs(load_config(etc / "config.yaml")).spool_path == etc / "spool" / "usage"
+    (etc / "config.yaml").write_text(f"database:\n  url: sqlite+aiosqlite:///{tmp_path}/data/a.db\n")
+    assert UsageLogs(load_config(etc / "config.yaml")).spool_path == tmp_path / "data" / "a.db.usage-spool"

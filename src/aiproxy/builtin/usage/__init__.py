@@ -87,8 +87,10 @@ def _flag(settings: dict[str, Any], name: str, default: bool) -> bool:
 def spool_path(setting: Any, config: Config) -> Path:
     """Where the spool goes. ``usage.spool_path``, relative to the config file's folder;
     by default next to the SQLite file (``aiproxy.db`` → ``aiproxy.db.usage-spool``), else
-    ``aiproxy-usage.spool`` beside the config file (a config given as a dict, in tests:
-    the temp folder, one file per database URL)."""
+    ``aiproxy-usage.spool`` in the working folder, where a relative SQLite file goes too
+    (not beside the config: the image's /etc/aiproxy is root's, or a read-only mount,
+    and an unwritable spool stops start-up); a config given as a dict, in tests: the
+    temp folder, one file per database URL."""
     source = Path(config.source)
     folder = source.parent if config.source != "<dict>" and source.is_file() else None
     if setting:
@@ -100,7 +102,7 @@ def spool_path(setting: Any, config: Config) -> Path:
         if parsed.get_backend_name() == "sqlite" and parsed.database and parsed.database != ":memory:":
             return Path(f"{parsed.database}.usage-spool")
     if folder is not None:
-        return folder / "aiproxy-usage.spool"
+        return Path.cwd() / "aiproxy-usage.spool"
     digest = hashlib.sha256((url or "").encode()).hexdigest()[:12]
     return Path(tempfile.gettempdir()) / f"aiproxy-usage-{digest}.spool"
 
