@@ -498,3 +498,18 @@ def test_a_smtp_flag_that_is_not_true_or_false_stops_start_up_naming_it():
         create_app(cfg)
     assert "cost.smtp.starttls: expected true or false, got 'ture'" in str(e.value)
     assert "cost.smtp.tls: expected true or false, got 2" in str(e.value)
+
+
+@pytest.mark.parametrize(("cost", "message"), [
+    ({"smtp": {"host": "h", "port": 70000}},
+     "cost.smtp.port: expected a port number from 1 to 65535, got 70000"),
+    ({"smtp": {"host": "h", "port": "25.5"}}, "cost.smtp.port: expected a port number from 1 to 65535"),
+    ({"smtp": {"host": "h", "port": 0}}, "cost.smtp.port: expected a port number from 1 to 65535, got 0"),
+    ({"alert_retries": 2.5}, "cost.alert_retries: expected a whole number, got 2.5"),
+])
+def test_a_port_or_retry_count_that_is_not_whole_stops_start_up_naming_it(cost, message):
+    # before: port 70000 was taken and every e-mail alert failed at send time; 2.5 retries were 2
+    cfg = config(MODELS, cost={"alert_threshold_usd": 1, "alert_email": "ops@x.test", **cost})
+    with pytest.raises(ConfigError) as e:
+        create_app(cfg)
+    assert message in str(e.value)

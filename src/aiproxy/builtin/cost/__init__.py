@@ -246,6 +246,8 @@ def _spend(config: Config, settings: dict[str, Any], errors: list[str]) -> Spend
     if emails and smtp is None:
         errors.append("cost.smtp.host: is required to send cost.alert_email")
     retries = _number(settings.get("alert_retries"), "cost.alert_retries", errors, 2)
+    if retries != int(retries):
+        errors.append(f"cost.alert_retries: expected a whole number, got {settings.get('alert_retries')!r}")
     timeout = _number(settings.get("webhook_timeout"), "cost.webhook_timeout", errors, 5.0)
     flush = _number(settings.get("flush_interval"), "cost.flush_interval", errors, 1.0)
     if errors or not threshold.is_finite() or threshold <= 0:
@@ -270,6 +272,8 @@ def _smtp(raw: Any, errors: list[str]) -> Smtp | None:
         return None
     tls = _flag(raw.get("tls"), "cost.smtp.tls", errors)
     port = _number(raw.get("port"), "cost.smtp.port", errors, 465 if tls else 25)
+    if not (1 <= port <= 65535 and port == int(port)):
+        errors.append(f"cost.smtp.port: expected a port number from 1 to 65535, got {raw.get('port')!r}")
     return Smtp(host=str(host), port=int(port), sender=str(raw.get("from") or "aiproxy@localhost"),
                 starttls=_flag(raw.get("starttls"), "cost.smtp.starttls", errors), tls=tls,
                 username=str(raw["username"]) if raw.get("username") else None,
