@@ -242,3 +242,38 @@ async def test_shutdown_with_the_database_away_spools_and_the_next_start_replays
             await wait_for(lambda: _count_is(migrated_url, len(sent)), what="the spool replayed")
     assert [row["request_id"] for row in await rows(migrated_url)] == sent
     assert not spool.exists()
+
+
+async def test_a_write_that_hangs_past_write_timeout_spools_and_the_rows_land_once(
+        gateway: Any, migrated_url: str, tmp_path: Path) -> None:
+    """The database holds the INSERT (a table lock) longer than write_timeout: the write is
+    abandoned, its batch and what follows go to the spool, and once the lock goes every row
+    is in exactly once, in order (a connection abandoned mid-statement must not poison the
+    next writes)."""
+    spool = tmp_path / "spool"
+    lock = TableLock(migrated_url)
+    cfg = usage_config(migrated_url, spool, flush_interval=0.02, batch_size=5, write_timeout=0.3,
+                       retry_max=0.1)
+    async with gateway(cfg) as (http, _), asyncio.timeout(60):
+        usage = http._transport.app.state.usage  # type: ignore[attr-defined]
+
+        async def call(i: int) -> None:
+            r = await http.post("/v1/chat/completions", json=MOCK_CHAT,
+                                headers={"x-request-id": f"h-{i:02d}"})
+            assert r.status_code == 200
+
+        await lock.hold()
+        try:
+            for i in range(12):
+                await call(i)
+            await wait_for(lambda: _true(usage.counts["write_errors"] > 0), what="a write to time out")
+            await wait_for(lambda: _true(len(_spooled(spool)) >= 5), what="the batch in the spool")
+        finally:
+            await lock.release()
+        for i in range(12, 20):
+            await call(i)
+        await wait_for(lambda: _count_is(migrated_url, 20), what="all 20 rows")
+        await wait_for(lambda: _true(not usage.spool.pending()), what="the spool replayed")
+    written = await rows(migrated_url)
+    assert [row["request_id"] for row in written] == [f"h-{i:02d}" for i in range(20)]
+    assert usage.counts["dropped"] == 0 and usage.counts["rejected"] == 0
