@@ -108,3 +108,30 @@ async def test_a_flush_that_fails_keeps_its_counts_for_the_next(store: KeyStore,
     await writer.flush()
     stored = await store.get_key(record.id, tenant=None)
     assert stored is not None and stored.current_usage == 42 and writer.pending == {}
+
+
+async def test_a_stream_that_ends_after_shutdown_is_still_written_back(migrated_url: str,
+                                                                        store: KeyStore) -> None:
+    """serve cancels streams still running 30 s into a shutdown while the lifespan shutdown
+    goes on: a stream's after-call can come after the stage's last flush. Its tokens were
+    added to a batch nobody flushed again, so the key's stored month missed them."""
+    from starlette.datastructures import Headers
+
+    from aiproxy.call import Call, Usage
+
+    secret, record = await store.create_key(name="ci", monthly_limit_tokens=10_000)
+    clock = Clock(epoch(2026, 11, 10))
+    async with started(db_config(migrated_url), clock) as app:
+        first = await call(app, secret)
+        assert first.status_code == 200, first.text
+        used = first.json()["usage"]["total_tokens"]
+        asking = Call(request_id="late", operation="chat", body={}, model="", stream=True,
+                      headers=Headers({"authorization": f"Bearer {secret}"}))
+        principal = await app.app.state.hooks.first("aiproxy_authenticate", call=asking)
+        late = Call(request_id="late", operation="chat", body=MOCK, model="mock-gpt", stream=True,
+                    headers=Headers(), principal=principal)
+        await app.quotas.aiproxy_before_call(late)  # a long stream, begun before the shutdown
+    late.usage = Usage(20, 700, 720)  # it is cut, and settles after every stage stopped
+    await app.quotas.aiproxy_after_call(late)
+    stored = await store.get_key(record.id, tenant=None)
+    assert stored is not None and (stored.current_usage, stored.usage_period) == (used + 720, "2026-11")

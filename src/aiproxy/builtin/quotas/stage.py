@@ -76,6 +76,7 @@ class Quotas:
         self._down_until = 0.0
         self._logged_at = -math.inf
         self._task: asyncio.Task[None] | None = None
+        self._stopped = False  # shut down: a call ending now is past the last flush
         self.backend_errors = 0
         self.refused = 0
         self.lost = 0
@@ -83,6 +84,7 @@ class Quotas:
     # ------------------------------------------------------------ lifecycle
     @hookimpl
     async def aiproxy_startup(self, app: Starlette) -> None:
+        self._stopped = False
         engine = getattr(app.state, "database", None)
         if engine is not None:
             self.writer = UsageWriter(engine)
@@ -115,6 +117,7 @@ class Quotas:
                 log.warning("quotas: %d counter increment(s) could not reach Redis before shutdown (%s) "
                             "and are lost", len(self._owed), type(exc).__name__)
         await self.counters.aclose()
+        self._stopped = True
 
     async def tick(self) -> None:
         """The periodic work: write keys' usage back, drop finished periods, pay Redis what it is owed."""
@@ -263,6 +266,10 @@ class Quotas:
             await self._add(items, self.clock())
         if held.key_id is not None and self.writer is not None:
             self.writer.add(held.key_id, held.month, used)
+            if self._stopped:  # a stream cut at shutdown ends after the last flush: write it now
+                await self.writer.flush()
+                with contextlib.suppress(Exception):
+                    await self.writer.engine.dispose()  # the database stage closed it before
 
     # ------------------------------------------------------------ the backend, failing open or closed
     async def _reserve(self, items: list[Reserve], now: float) -> tuple[int, float] | object | None:
