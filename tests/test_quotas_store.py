@@ -4,6 +4,8 @@ and a restarted gateway continues from what was written."""
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 from pathlib import Path
 from typing import Any
 
@@ -135,3 +137,66 @@ async def test_a_stream_that_ends_after_shutdown_is_still_written_back(migrated_
     await app.quotas.aiproxy_after_call(late)
     stored = await store.get_key(record.id, tenant=None)
     assert stored is not None and (stored.current_usage, stored.usage_period) == (used + 720, "2026-11")
+
+
+class KeysLock:
+    """Holds the api_keys table so a flush's UPDATE waits, in flight: BEGIN EXCLUSIVE on
+    SQLite (another connection, off the loop), LOCK TABLE on PostgreSQL."""
+
+    def __init__(self, url: str) -> None:
+        from sqlalchemy.engine import make_url
+
+        parsed = make_url(url)
+        self.sqlite = parsed.database if parsed.get_backend_name() == "sqlite" else None
+        self.url = url
+        self.conn: Any = None
+        self.engine: Any = None
+
+    async def hold(self) -> None:
+        if self.sqlite:
+            import sqlite3
+
+            self.conn = sqlite3.connect(self.sqlite, isolation_level=None, timeout=10,
+                                        check_same_thread=False)
+            self.conn.execute("BEGIN EXCLUSIVE")
+            return
+        self.engine = create_engine(self.url)
+        self.conn = await self.engine.connect()
+        await self.conn.exec_driver_sql("LOCK TABLE api_keys IN ACCESS EXCLUSIVE MODE")
+
+    async def release(self) -> None:
+        if self.sqlite:
+            await asyncio.to_thread(self.conn.execute, "ROLLBACK")
+            self.conn.close()
+            return
+        await self.conn.rollback()
+        await self.conn.close()
+        await self.engine.dispose()
+
+
+async def test_a_shutdown_during_a_periodic_flush_loses_nothing(migrated_url: str, store: KeyStore) -> None:
+    """The periodic flush was cancelled at shutdown: one caught inside its UPDATE lost the
+    batch it had taken (neither written nor put back for the last flush)."""
+    secret, record = await store.create_key(name="ci", monthly_limit_tokens=10_000)
+    lock = KeysLock(migrated_url)
+    stack = contextlib.AsyncExitStack()
+    app = await stack.enter_async_context(started(db_config(migrated_url, flush_interval=0.05),
+                                                  Clock(epoch(2026, 11, 10))))
+    async with asyncio.timeout(30):
+        r = await call(app, secret)
+        assert r.status_code == 200, r.text
+        used = r.json()["usage"]["total_tokens"]
+        await lock.hold()
+        try:
+            for _ in range(400):  # bounded: until a tick has taken the batch and waits in its UPDATE
+                if not app.quotas.writer.pending:  # type: ignore[union-attr]
+                    break
+                await asyncio.sleep(0.01)
+            assert not app.quotas.writer.pending  # type: ignore[union-attr]
+            stopping = asyncio.create_task(stack.aclose())
+            await asyncio.wait([stopping], timeout=0.5)  # a cancelled flush lets it end at once
+        finally:
+            await lock.release()
+        await stopping
+    stored = await store.get_key(record.id, tenant=None)
+    assert stored is not None and stored.current_usage == used

@@ -76,6 +76,7 @@ class Quotas:
         self._down_until = 0.0
         self._logged_at = -math.inf
         self._task: asyncio.Task[None] | None = None
+        self._stop = asyncio.Event()  # ends the periodic task between two ticks, never within one
         self._stopped = False  # shut down: a call ending now is past the last flush
         self.backend_errors = 0
         self.refused = 0
@@ -85,6 +86,7 @@ class Quotas:
     @hookimpl
     async def aiproxy_startup(self, app: Starlette) -> None:
         self._stopped = False
+        self._stop = asyncio.Event()
         engine = getattr(app.state, "database", None)
         if engine is not None:
             self.writer = UsageWriter(engine)
@@ -104,9 +106,9 @@ class Quotas:
     @hookimpl
     async def aiproxy_shutdown(self) -> None:
         if self._task is not None:
-            self._task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._task
+            # not cancel(): a tick cancelled within its flush lost the batch it had taken
+            self._stop.set()
+            await self._task
             self._task = None
         await self.tick()
         if self._owed:  # one last try, whatever the retry window says
@@ -134,7 +136,9 @@ class Quotas:
 
     async def _every(self, seconds: float) -> None:
         while True:
-            await asyncio.sleep(seconds)
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._stop.wait(), seconds)
+                return
             try:
                 await self.tick()
             except Exception:
