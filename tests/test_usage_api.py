@@ -112,3 +112,23 @@ async def test_bad_queries_are_400s_naming_the_parameter(logged: Logged, query: 
     r = await logged.api.call("GET", f"/usage?{query}", key=logged.a.admin_key)
     assert r.status_code == 400, r.text
     assert error_of(r)["param"] == param
+
+
+async def test_until_alone_is_the_30_days_before_it(logged: Logged) -> None:
+    """Before: since defaulted to 30 days before now whatever until said, so asking for a
+    past month by its end (until=…) was a 400 'until must be after since' nobody sent."""
+    api, a = logged.api, logged.a
+    now = dt.datetime.now(dt.UTC)
+
+    def at(when: dt.datetime) -> str:
+        return when.isoformat().replace("+00:00", "Z")
+
+    past = await api.call("GET", f"/usage?until={at(now - dt.timedelta(days=40))}", key=a.admin_key)
+    assert past.status_code == 200, past.text
+    assert past.json()["totals"]["total"]["requests"] == 0  # the 30 days before it: none of today's
+    soon = await api.call("GET", f"/usage?until={at(now + dt.timedelta(days=1))}", key=a.admin_key)
+    assert soon.json()["totals"]["total"]["requests"] == 4
+    ahead = await api.call("GET", f"/usage?until={at(now + dt.timedelta(days=31))}", key=a.admin_key)
+    assert ahead.json()["totals"]["total"]["requests"] == 0  # today is more than 30 days before it
+    first_days = await api.call("GET", "/usage?until=0001-01-05T00:00:00Z", key=a.admin_key)
+    assert first_days.status_code == 200, first_days.text  # not 30 days before year 1: an overflow

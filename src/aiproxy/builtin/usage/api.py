@@ -5,7 +5,8 @@ the master key sees every tenant (``tenant_id`` narrows it); an admin key sees i
 tenant's rows only (an admin key of no tenant: the rows of no tenant), and naming
 another tenant is a 404, as a tenant that does not exist; other keys get 403.
 
-Query: ``since`` / ``until`` (ISO-8601 with a timezone; default the last 30 days),
+Query: ``since`` / ``until`` (ISO-8601 with a timezone; default the 30 days up to
+``until``, or to now),
 ``model``, ``key_id``, ``user_id``, ``status`` (``error`` or ``ok``), ``limit`` (1-200,
 default 50) and ``offset``. The answer: ``data`` (rows, newest first), ``has_more``,
 ``next_offset``, and ``totals`` over every row that matches (not just the page):
@@ -32,6 +33,7 @@ from aiproxy.storage.models import UsageLog
 
 TABLE: Table = UsageLog.__table__  # type: ignore[assignment]
 DEFAULT_WINDOW = dt.timedelta(days=30)
+_FIRST = dt.datetime.min.replace(tzinfo=dt.UTC)
 _FILTERS = ("model", "key_id", "user_id")
 _KNOWN = {"since", "until", "tenant_id", "status", "limit", "offset", *_FILTERS}
 
@@ -56,8 +58,12 @@ def _where(caller: Caller) -> list[ColumnElement[bool]]:
         raise bad(unknown[0], f"unknown parameter (known: {', '.join(sorted(_KNOWN))})")
     c = TABLE.c
     now = dt.datetime.now(dt.UTC)
-    since = parse_instant(query["since"], "since") if "since" in query else now - DEFAULT_WINDOW
     until = parse_instant(query["until"], "until") if "until" in query else None
+    if "since" in query:
+        since = parse_instant(query["since"], "since")
+    else:  # the 30 days up to until (a past month asked for by its end), else to now
+        end = until or now
+        since = end - DEFAULT_WINDOW if end - _FIRST > DEFAULT_WINDOW else _FIRST
     if until is not None and until <= since:
         raise bad("until", "must be after since")
     where: list[ColumnElement[bool]] = [c.created_at >= since]
