@@ -12,8 +12,10 @@ after a crash, still leaves exactly one row per call.
 
 The queue holds at most ``usage.max_queue`` rows; a call that finds it full moves the
 queue and its own row to the spool (one file write; never waits for the database).
-The only way a row is lost is a spool that cannot be written either (disk full): each
-such row is counted (``aiproxy_usage_rows_dropped_total``) and logged.
+A row is lost when the spool cannot be written either (disk full): each such row is
+counted (``aiproxy_usage_rows_dropped_total``) and logged. Rows still in the queue (up to
+``flush_interval`` seconds' worth, at most ``max_queue``) die with a process killed
+outright (SIGKILL, the OOM killer); spooled ones do not.
 
 At shutdown the queue is flushed (or spooled, if the database is gone); at start-up a
 spool left behind (a crash, an outage that outlived the process) is replayed. With no
