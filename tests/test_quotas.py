@@ -229,3 +229,21 @@ async def test_a_budget_is_counted_in_exact_cents_not_float_sums() -> None:
     async with started(config, clock, Cost(0.1)) as app:
         assert [(await app.chat("d")).status_code for _ in range(11)] == [200] * 10 + [429]
         assert "is $1.00 and $1.00 has been spent" in error_of(await app.chat("d"))["message"]
+
+
+async def test_an_answer_without_usage_is_counted_from_what_was_asked_and_answered() -> None:
+    # some OpenAI-compatible servers send no usage on a whole answer: it counted 0 tokens (the
+    # reservation was given back whole), so a key's monthly limit was never reached
+    from tests.conftest import OPENAI_BASE
+
+    clock = Clock(epoch(2026, 11, 10))
+    body = {"model": "gpt-test", "messages": [{"role": "user", "content": "Name three colours."}]}
+    answer = {"id": "c1", "object": "chat.completion", "created": 1, "model": "gpt-4o-mini",
+              "choices": [{"index": 0, "message": {"role": "assistant", "content": "Red, green and blue."},
+                           "finish_reason": "stop"}]}
+    async with started(quota_config({}, [key("ci", monthly_limit_tokens=1000)]), clock) as app:
+        app.upstream.post(f"{OPENAI_BASE}/chat/completions").respond(200, json=answer)
+        r = await app.chat("ci", body)
+        assert r.status_code == 200, r.text
+        expected = tokens.prompt(body, "gpt-4o-mini") + tokens.completion(answer, "gpt-4o-mini")
+        assert app.counter("tok:key:config:ci:2026-11") == expected
