@@ -403,3 +403,27 @@ def test_the_default_spool_is_in_the_working_folder_not_beside_the_config(
     assert UsageLogs(load_config(etc / "config.yaml")).spool_path == etc / "spool" / "usage"
     (etc / "config.yaml").write_text(f"database:\n  url: sqlite+aiosqlite:///{tmp_path}/data/a.db\n")
     assert UsageLogs(load_config(etc / "config.yaml")).spool_path == tmp_path / "data" / "a.db.usage-spool"
+
+
+async def test_the_real_cost_and_cache_stages_price_the_row(gateway: Any, migrated_url: str,
+                                                           tmp_path: Path) -> None:
+    """The stages as shipped, in their order: the cost stage prices a call before the usage
+    stage takes its row, and a cache hit is a cached row costing 0."""
+    cfg = make_config(database={"url": migrated_url}, usage={"spool_path": str(tmp_path / "spool")},
+                      plugins={"dir": None}, cost={"free_providers": []},
+                      models=[{"name": "mock-*", "provider": "mock", "price": {"input": 1, "output": 2}}])
+    async with gateway(cfg) as (http, _):
+        said = []
+        for i in range(2):  # temperature 0: the second is a cache hit
+            r = await http.post("/v1/chat/completions", json={**MOCK_CHAT, "temperature": 0},
+                                headers={"x-request-id": f"priced-{i}"})
+            assert r.status_code == 200
+            said.append((r.headers["x-aiproxy-cache"], r.headers["x-aiproxy-cost"]))
+        usage = r.json()["usage"]
+    first, hit = await rows(migrated_url)
+    expected = (usage["prompt_tokens"] * 1 + usage["completion_tokens"] * 2) / 1e6
+    assert said[0][0] == "miss" and said[1] == ("hit", "0")
+    assert (first["request_id"], first["cached"]) == ("priced-0", False)
+    assert first["cost"] == pytest.approx(expected) and float(said[0][1]) == pytest.approx(expected)
+    assert (hit["request_id"], hit["cached"], hit["cost"]) == ("priced-1", True, 0.0)
+    assert hit["metadata"]["cost_saved"] == pytest.approx(expected)
