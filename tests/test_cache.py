@@ -368,3 +368,37 @@ async def test_an_answer_from_a_fallback_model_is_not_stored_as_the_primarys() -
         assert content(await g.post(body)) == "gpt-4o answer 2"  # not the fallback's, stored
         assert content(await g.post(body)) == "gpt-4o answer 2"  # the primary's own is cached
         assert content(await g.post({**DET, "model": "backup"})) == "gpt-4o-mini answer 3"
+
+
+_LOGPROBS = {"content": [{"token": "Hi", "logprob": -0.1, "bytes": [72, 105], "top_logprobs": []}],
+             "refusal": None}
+
+
+@pytest.mark.parametrize("first_streamed", [True, False])
+async def test_a_call_asking_for_logprobs_is_not_cached(first_streamed: bool) -> None:
+    # a streamed answer is assembled and a hit is replayed without logprobs (nor audio):
+    # before, a streamed miss stored an answer with "logprobs": null that then answered a
+    # whole request asking for them (and a whole one's were lost in a stream's replay)
+    async with gateway(config()) as g:
+        def answer(request: httpx.Request) -> httpx.Response:
+            if b'"stream":true' in request.content:
+                chunks = [{"id": "c", "object": "chat.completion.chunk", "created": 1, "model": "m",
+                           "choices": [{"index": 0, "delta": {"role": "assistant", "content": "Hi"},
+                                        "logprobs": _LOGPROBS, "finish_reason": None}]},
+                          {"id": "c", "object": "chat.completion.chunk", "created": 1, "model": "m",
+                           "choices": [{"index": 0, "delta": {}, "logprobs": None, "finish_reason": "stop"}]}]
+                body = b"".join(b"data: " + orjson.dumps(c) + b"\n\n" for c in chunks) + b"data: [DONE]\n\n"
+                return httpx.Response(200, content=body, headers={"content-type": "text/event-stream"})
+            data = chat_answer("Hi")
+            data["choices"][0]["logprobs"] = _LOGPROBS
+            return httpx.Response(200, json=data)
+
+        g.chat.side_effect = answer
+        body = {**DET, "logprobs": True}
+        first = await g.post({**body, "stream": True} if first_streamed else body)
+        assert first.status_code == 200 and first.headers["x-aiproxy-cache"] == "skip"
+        whole = await g.post(body)
+        assert whole.json()["choices"][0]["logprobs"] == _LOGPROBS
+        assert g.chat.call_count == 2
+        assert content(await g.post({**DET, "logprobs": False})) == "Hi"  # not asked: cached
+        assert (await g.post({**DET, "logprobs": False})).headers["x-aiproxy-cache"] == "hit"

@@ -6,7 +6,8 @@
   ``stream_options``, …), serialised by orjson with sorted keys.
 - **What is cached**: embeddings, and chat/text completions with ``temperature: 0``;
   other calls only for models that ``cache.models`` marks ``sampled: true``. Errors,
-  streams that were cut short or failed, and answers a fallback model gave never are.
+  streams that were cut short or failed, answers a fallback model gave, and calls asking
+  for logprobs or audio (:func:`request.replayable`) never are.
 - **TTL**: per operation (``cache.ttl``; chat is ``ttl_seconds``), per model
   (``cache.models.<name>.ttl_seconds``), per request (``x-aiproxy-cache-ttl``).
 - **Per request**: ``Cache-Control: no-cache`` skips the lookup but stores the answer;
@@ -31,7 +32,14 @@ from starlette.applications import Starlette
 
 from aiproxy import hookimpl, wire
 from aiproxy.builtin.cache.backends import Clock, MemoryBackend, RedisBackend
-from aiproxy.builtin.cache.request import TTL_HEADER, cache_key, deterministic, directives, ttl_override
+from aiproxy.builtin.cache.request import (
+    TTL_HEADER,
+    cache_key,
+    deterministic,
+    directives,
+    replayable,
+    ttl_override,
+)
 from aiproxy.builtin.cache.settings import CacheSettings, parse_settings
 from aiproxy.call import Call
 from aiproxy.config import Config
@@ -132,7 +140,7 @@ class ResponseCache:
         if op_ttl is None:
             return None  # an operation the cache does not know (a plugin's own)
         rule = self.settings.rule(call.model)
-        if not (rule.sampled or deterministic(call)):
+        if not (rule.sampled or deterministic(call)) or not replayable(call.body):
             return None
         return override or rule.ttl or op_ttl
 

@@ -68,6 +68,19 @@ def deterministic(call: Call) -> bool:
     return temperature == 0 and not isinstance(temperature, bool)
 
 
+def replayable(body: dict[str, Any]) -> bool:
+    """Can a stored answer stand for this request's? Not when it asks for logprobs or audio:
+    a streamed answer is assembled, and a hit replayed as a stream, without either (an
+    answer stored that way would then answer a request that asked for them)."""
+    logprobs = body.get("logprobs")
+    if logprobs is not None and logprobs is not False:  # chat: true; completions: a number
+        return False
+    if body.get("audio") is not None:
+        return False
+    modalities = body.get("modalities")
+    return not (isinstance(modalities, list) and "audio" in modalities)
+
+
 def directives(value: str | None) -> tuple[bool, bool]:
     """(no_cache, no_store) from a ``Cache-Control`` request header."""
     if not value:
