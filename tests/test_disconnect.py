@@ -88,3 +88,40 @@ async def _leave_and_check(stream: bool) -> None:
     [(call, error)] = errors.seen
     assert error.status == 499 and error.code == "client_closed_request"
     assert call.metadata["client_disconnected"] is True
+
+
+class QuickUpstream(SlowUpstream):
+    async def handler(self, request: httpx.Request) -> httpx.Response:
+        return httpx.Response(200, json={
+            "id": "c1", "object": "chat.completion", "created": 1, "model": "gpt-4o-mini",
+            "choices": [{"index": 0, "message": {"role": "assistant", "content": "hi"}, "finish_reason": "stop"}],
+            "usage": {"prompt_tokens": 3, "completion_tokens": 1, "total_tokens": 4}})
+
+
+class SlowAfterCall(Errors):
+    """An after-call stage that awaits (as one settling in Redis does) while the client leaves."""
+
+    def __init__(self, left: asyncio.Event, upstream: SlowUpstream) -> None:
+        super().__init__()
+        self.left, self.upstream, self.finished = left, upstream, False
+
+    @hookimpl
+    async def aiproxy_after_call(self, call):
+        self.upstream.started.set()  # the client leaves now
+        await asyncio.sleep(0.05)
+        self.finished = True
+
+
+async def test_a_client_leaving_after_the_answer_came_does_not_cut_the_after_call_stages():
+    """The upstream answered: the stages account for that answer, whole, and the call is not
+    turned into a 499 that on-error would count a second time."""
+    upstream = QuickUpstream()
+    stage = SlowAfterCall(asyncio.Event(), upstream)
+    cfg = make_config()
+    pm = build_plugin_manager(cfg)
+    pm.register(stage, name="slow_after_call")
+    app = create_app(cfg, transport=httpx.MockTransport(upstream.handler), plugin_manager=pm)
+    async with app.router.lifespan_context(app):
+        await _call_then_leave(app, CHAT, upstream)
+    assert stage.finished
+    assert stage.seen == []  # no on-error 499 after the after-call

@@ -134,3 +134,57 @@ async def test_a_failed_start_up_stops_only_what_started():
         async with app.router.lifespan_context(app):
             pass
     assert log == ["start c None", "stop c"]
+
+
+class Broken:
+    @hookimpl
+    def aiproxy_after_call(self, call):
+        raise RuntimeError("this stage is broken")
+
+    @hookimpl
+    def aiproxy_on_error(self, call, error):
+        raise RuntimeError("this stage is broken too")
+
+
+class Recorder:
+    def __init__(self) -> None:
+        self.seen: list[tuple[str, int]] = []
+
+    @hookimpl
+    def aiproxy_after_call(self, call):
+        self.seen.append(("after", 200))
+
+    @hookimpl
+    def aiproxy_on_error(self, call, error):
+        self.seen.append(("error", error.status))
+
+
+async def test_a_failing_after_call_or_on_error_stage_skips_no_other_stage(gateway, caplog):
+    """The stages registered before a broken one (called after it: usage log, metrics)
+    still see every call, and the client still gets its answer."""
+    cfg = make_config()
+    recorder = Recorder()
+    pm = with_plugins(cfg, test_recorder=recorder, test_broken=Broken())  # broken is called first
+    async with gateway(cfg, plugin_manager=pm) as (http, upstream):
+        upstream.post(CHAT_URL).respond(200, json=CACHED)
+        ok = await http.post("/v1/chat/completions", json=CHAT)
+        upstream.post(CHAT_URL).respond(500, json={"error": {"message": "down"}})
+        failed = await http.post("/v1/chat/completions", json=CHAT)
+    assert ok.status_code == 200 and failed.status_code == 502
+    assert recorder.seen == [("after", 200), ("error", 502)]
+    assert sum("plugin 'test_broken' failed" in r.getMessage() for r in caplog.records) == 2
+
+
+async def test_a_whole_answer_without_usage_gets_an_estimate_every_stage_sees(gateway):
+    cfg = make_config()
+    cache = Cache(hit=False)
+    answer = {k: v for k, v in CACHED.items() if k != "usage"}
+    async with gateway(cfg, plugin_manager=with_plugins(cfg, test_cache=cache)) as (http, upstream):
+        upstream.post(CHAT_URL).respond(200, json=answer)
+        r = await http.post("/v1/chat/completions", json=CHAT)
+    assert r.status_code == 200 and "usage" not in r.json()  # the client gets what was sent
+    [call] = cache.finished
+    assert call.metadata["usage_estimated"] is True
+    assert call.usage.completion_tokens == 4  # "from the cache": 14 bytes, ceil(14 / 4)
+    assert call.usage.prompt_tokens > 0
+    assert call.usage.total_tokens == call.usage.prompt_tokens + 4

@@ -33,6 +33,7 @@ log = logging.getLogger("aiproxy.gateway")
 Reader = Callable[[], Awaitable[tuple[dict[str, Any], str]]]
 
 ANONYMOUS = Principal(id="anonymous", kind="anonymous")
+_GATEWAY, _ANSWERED = "gateway", "answered"  # call.state: the upstream answered a whole call
 _STREAM_HEADERS = {"cache-control": "no-cache", "x-accel-buffering": "no"}
 _WHOLE = {"chat": "chat", "completion": "completion", "embedding": "embedding"}
 _STREAMED = {"chat": "chat_stream", "completion": "completion_stream"}
@@ -111,7 +112,8 @@ class Gateway:
             except Exception:  # a broken channel is the server's to report, not ours
                 return
             call.metadata["client_disconnected"] = True
-            task.cancel()
+            if call.state.get(_GATEWAY) != _ANSWERED:
+                task.cancel()
 
         watcher = asyncio.create_task(watch())
         try:
@@ -153,10 +155,14 @@ class Gateway:
         reply = await self._cached(call)
         if reply is None:
             reply = await self.router.whole(call, _WHOLE[call.operation])
+            # answered: from here a client that leaves no longer cancels this task, so the
+            # stages below (which may await Redis) finish, and on-error never follows them
+            call.state[_GATEWAY] = _ANSWERED
             call.response = reply.data
             if call.usage is None:
-                call.usage = Usage.from_openai(reply.data.get("usage"))
+                call.usage = Usage.from_openai(reply.data.get("usage")) or _estimated(call)
             await self._quietly("aiproxy_cache_store", call=call, reply=reply)
+        call.state[_GATEWAY] = _ANSWERED
         call.finished = time.perf_counter()
         await self._quietly("aiproxy_after_call", call=call)
         headers = {**reply.headers, **call.response_headers, "x-request-id": call.request_id}
@@ -244,11 +250,7 @@ class Gateway:
                 if call.response is not None and call.usage is not None and "usage" not in call.response:
                     call.response["usage"] = call.usage.to_openai()
             if call.usage is None and not call.cached:
-                model = call.upstream_model or call.model
-                prompt = tokens.prompt(call.body, model)
-                produced = tokens.completion(call.response, model)
-                call.usage = Usage(prompt, produced, prompt + produced)
-                call.metadata["usage_estimated"] = True
+                call.usage = _estimated(call)
             # stored only when every choice finished: an upstream body that just stops
             # (no finish_reason) ends the client's stream normally, but must not be cached
             if complete and call.collect and not call.cached and call.error is None \
@@ -266,14 +268,20 @@ class Gateway:
         return error_response(exc, call.request_id, call.egress)
 
     async def _quietly(self, hook: str, **kwargs: Any) -> None:
-        """Run a hook whose failure must not cost the client its answer: log it instead."""
-        if not self.hooks.has(hook):
-            return
-        try:
-            await self.hooks.all(hook, **kwargs)
-        except Exception:
-            call = kwargs.get("call")
-            log.exception("%s failed for request %s", hook, getattr(call, "request_id", "?"))
+        """Run a hook whose failure must not cost the client its answer, nor the later
+        stages their turn: each plugin's failure is logged and the others still run."""
+        if self.hooks.has(hook):
+            await self.hooks.each(hook, **kwargs)
+
+
+def _estimated(call: Call) -> Usage:
+    """The usage of an answer whose upstream never said (a stream cut short, a server that
+    sends none), estimated from the request and what was answered (:mod:`aiproxy.tokens`)."""
+    model = call.upstream_model or call.model
+    prompt = tokens.prompt(call.body, model)
+    produced = tokens.completion(call.response, model)
+    call.metadata["usage_estimated"] = True
+    return Usage(prompt, produced, prompt + produced)
 
 
 #: A long stream's sent events are folded into what they add up to every this many events,

@@ -8,11 +8,14 @@ in pluggy's call order, and each implementation gets its own plugin's settings.
 from __future__ import annotations
 
 import inspect
+import logging
 from collections.abc import Callable
 from typing import Any, NamedTuple
 
 import pluggy
 from pluggy import HookCaller
+
+log = logging.getLogger("aiproxy.hooks")
 
 
 async def first_result(caller: HookCaller, **kwargs: Any) -> Any | None:
@@ -89,6 +92,20 @@ class Hooks:
             if value is not None:
                 results.append(value)
         return results
+
+    async def each(self, hook: str, **kwargs: Any) -> None:
+        """Run every implementation, each on its own: one that raises is logged (naming
+        its plugin) and the rest still run. For hooks whose failure must not cost the
+        client its answer, nor the later stages their turn (after-call, on-error)."""
+        for impl in self._impls.get(hook, ()):
+            try:
+                value = _invoke(impl, hook, kwargs)
+                if inspect.isawaitable(value):
+                    await _awaited(value, impl, hook)
+            except Exception:
+                call = kwargs.get("call")
+                log.exception("plugin %r failed in %s for request %s", impl.plugin, hook,
+                              getattr(call, "request_id", "?"))
 
     async def one(self, hook: str, plugin: str, **kwargs: Any) -> Any:
         """Await one plugin's implementation of ``hook`` (start-up and shutdown, in order)."""
