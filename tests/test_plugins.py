@@ -89,7 +89,7 @@ def test_a_bad_setting_in_a_plugins_section_is_a_config_error_naming_its_path(tm
     with pytest.raises(ConfigError) as info:
         build_plugin_manager(with_plugins_dir(tmp_path, strict={"level": 9}))
     assert "strict.level: expected 1, 2 or 3, got 9" in str(info.value)
-    with pytest.raises(ConfigError, match="limits.tiers.free.requests"):
+    with pytest.raises(ConfigError, match=r"limits\.tiers\.free\.requests"):
         build_plugin_manager(make_config(limits={"tiers": {"free": {"requests": -3}}}))
 
 

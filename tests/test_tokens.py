@@ -145,6 +145,14 @@ def test_max_completion_reads_what_the_request_allows():
     assert tokens.max_completion({"max_completion_tokens": None, "max_tokens": 9}) == 9
 
 
+def test_max_completion_counts_every_choice_a_request_asks_for():
+    assert tokens.max_completion({"max_tokens": 10, "n": 3}) == 30
+    assert tokens.max_completion({"n": 2}, default=256) == 512
+    assert tokens.max_completion({"max_tokens": 10, "best_of": 4, "n": 2}) == 40  # completions
+    assert tokens.max_completion({"max_tokens": 10, "n": "3"}) == 10  # not a count: one choice
+    assert tokens.max_completion({"max_tokens": 10, "n": True}) == 10
+
+
 # ---------------------------------------------------------------- tiktoken, offline only
 
 def test_without_the_encoding_file_it_approximates_says_so_once_and_never_downloads(caplog, tmp_path):

@@ -182,9 +182,13 @@ def completion(response: dict[str, Any] | None, model: str = "") -> int:
 
 
 def max_completion(body: dict[str, Any], default: int = 0) -> int:
-    """The completion tokens a request may produce at most, as it says (else ``default``)."""
+    """The completion tokens a request may produce at most, as it says (else ``default``),
+    for all its choices: ``n`` (or ``best_of``, for completions) of them each may be that long."""
+    most = default
     for name in ("max_completion_tokens", "max_tokens"):
         value = body.get(name)
         if type(value) is int and value > 0:
-            return value
-    return default
+            most = value
+            break
+    choices = max((v for v in (body.get("n"), body.get("best_of")) if type(v) is int and v > 1), default=1)
+    return most * choices

@@ -259,17 +259,9 @@ class Quotas:
         if held is None:
             return
         usage = call.usage
-        if call.cached:
-            used = 0  # a cache hit cost nothing
-        elif usage is not None:
-            used = usage.total_tokens
-        elif call.error is None and call.response is not None:
-            # an upstream that sent no usage (the gateway estimates only streams'): count what
-            # was asked and answered, not nothing
-            model = call.upstream_model or call.model
-            used = tokens.prompt(call.body, model) + tokens.completion(call.response, model)
-        else:
-            used = 0  # failed with nothing produced
+        # a cache hit cost nothing; an answer the upstream sent no usage for has the gateway's
+        # estimate; a failure with nothing produced has none
+        used = 0 if call.cached or usage is None else usage.total_tokens
         items: list[Add] = [(name, used - reserved, seed, expires)
                             for name, reserved, seed, expires in held.tokens if used != reserved]
         cost = call.cost
