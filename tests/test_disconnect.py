@@ -94,7 +94,8 @@ class QuickUpstream(SlowUpstream):
     async def handler(self, request: httpx.Request) -> httpx.Response:
         return httpx.Response(200, json={
             "id": "c1", "object": "chat.completion", "created": 1, "model": "gpt-4o-mini",
-            "choices": [{"index": 0, "message": {"role": "assistant", "content": "hi"}, "finish_reason": "stop"}],
+            "choices": [{"index": 0, "message": {"role": "assistant", "content": "hi"},
+                         "finish_reason": "stop"}],
             "usage": {"prompt_tokens": 3, "completion_tokens": 1, "total_tokens": 4}})
 
 
