@@ -86,7 +86,7 @@ async def make_tenant(api: Api, name: str) -> Tenant:
                                                      "role": "admin"})).json()
     member = (await api.call("POST", "/users", json={"tenant_id": t["id"],
                                                       "email": f"member@{name}.test"})).json()
-    ak = (await api.call("POST", "/keys", json={"user_id": admin["id"], "role": "admin",
+    ak = (await api.call("POST", "/keys", json={"user_id": admin["id"], "role": "admin", "tier": "pro",
                                                  "name": f"{name}-admin"})).json()
     mk = (await api.call("POST", "/keys", json={"user_id": member["id"], "name": f"{name}-member",
                                                  "allowed_models": ["mock-gpt"]})).json()

@@ -81,6 +81,35 @@ async def test_an_admin_key_creates_keys_and_users_in_its_own_tenant_only(api: A
     assert r.status_code == 201 and r.json()["tenant_id"] == a.id and r.json()["user_id"] is None
 
 
+async def test_an_admin_key_gives_no_key_more_than_it_has_itself(api: Api) -> None:
+    """A tenant's admin (tier pro, 1M tokens a month) may not lift its own tenant's tier
+    limits, plan, budgets or quota by minting or editing keys; the master key may."""
+    a = await make_tenant(api, "acme")
+    capped = (await api.call("POST", "/keys", json={"user_id": a.admin_user, "role": "admin", "tier": "pro",
+                                                     "monthly_limit_tokens": 1_000_000})).json()
+    a.admin_key = capped["key"]
+    for body, param in [({"tier": "enterprise"}, "tier"),
+                        ({"monthly_limit_tokens": 1_000_001}, "monthly_limit_tokens"),
+                        ({"monthly_limit_tokens": None}, "monthly_limit_tokens"),
+                        ({"metadata": {"rate_limits": {"requests": 10**9}}}, "metadata.rate_limits")]:
+        made = await api.call("POST", "/keys", key=a.admin_key, json=body)
+        assert made.status_code == 403 and made.json()["error"]["param"] == param, (body, made.text)
+        changed = await api.call("PATCH", f"/keys/{a.member_key_id}", key=a.admin_key, json=body)
+        assert changed.status_code == 403 and changed.json()["error"]["param"] == param, (body, changed.text)
+    ok = await api.call("POST", "/keys", key=a.admin_key, json={"tier": "starter", "monthly_limit_tokens": 5})
+    assert ok.status_code == 201 and (ok.json()["tier"], ok.json()["monthly_limit_tokens"]) == ("starter", 5)
+    ok = await api.call("POST", "/keys", key=a.admin_key, json={})
+    assert ok.status_code == 201 and ok.json()["monthly_limit_tokens"] == 1_000_000  # its own cap
+    # rate limits the master set stay when the admin replaces the rest of the metadata
+    limits = {"requests": 3}
+    r = await api.call("PATCH", f"/keys/{a.member_key_id}", json={"metadata": {"rate_limits": limits}})
+    assert r.status_code == 200
+    r = await api.call("PATCH", f"/keys/{a.member_key_id}", key=a.admin_key, json={"metadata": {"team": "x"}})
+    assert r.status_code == 200 and r.json()["metadata"] == {"team": "x", "rate_limits": limits}
+    r = await api.call("PATCH", f"/keys/{a.member_key_id}", json={"tier": "enterprise"})  # the master may
+    assert r.status_code == 200 and r.json()["tier"] == "enterprise"
+
+
 # ---------------------------------------------------------------- keys
 
 async def test_create_returns_the_plaintext_once_and_never_again(api: Api) -> None:

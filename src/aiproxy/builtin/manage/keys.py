@@ -14,6 +14,7 @@ from aiproxy.builtin.manage.access import Caller, Result, body_of
 from aiproxy.builtin.manage.fields import Fields, bad, flag, page_params, parse_duration
 from aiproxy.errors import ProxyError
 from aiproxy.storage.keys import NotFound
+from aiproxy.storage.models import TIERS
 from aiproxy.storage.pages import page_keys
 from aiproxy.storage.records import KeyRecord
 
@@ -21,6 +22,36 @@ CREATE_FIELDS = ("user_id", "tenant_id", "name", "tier", "role", "allowed_models
                  "monthly_limit_tokens", "expires_at", "expires_in", "metadata")
 PATCH_FIELDS = ("name", "tier", "role", "allowed_models", "monthly_limit_tokens", "expires_at",
                 "expires_in", "metadata")
+
+
+def _within_own(caller: Caller, values: dict[str, Any], old_metadata: dict[str, Any] | None = None) -> None:
+    """What a tenant's admin key gives a key stays within what it has itself: a tier no
+    higher than its own, a monthly token limit no larger than its own (none only if it has
+    none), and no ``metadata.rate_limits`` (set by the master key; kept when an admin
+    replaces the metadata). Otherwise a tenant could lift its own tier limits, plan,
+    budgets and quota. The master key sets anything."""
+    if caller.master:
+        return
+    own = caller.principal
+    tier = values.get("tier")
+    if tier is not None and TIERS.index(tier) > TIERS.index(own.tier if own.tier in TIERS else "free"):
+        raise ProxyError(403, f"This key may not give a key the tier {tier!r}, above its own "
+                         f"({own.tier or 'free'!r}); only the master key may.", param="tier",
+                         code="insufficient_permissions")
+    own_limit = own.metadata.get("monthly_limit_tokens")
+    if "monthly_limit_tokens" in values and isinstance(own_limit, int):
+        limit = values["monthly_limit_tokens"]
+        if limit is None or limit > own_limit:
+            raise ProxyError(403, f"This key may not give a key a monthly_limit_tokens above its own "
+                             f"({own_limit}); only the master key may.", param="monthly_limit_tokens",
+                             code="insufficient_permissions")
+    metadata = values.get("metadata")
+    if isinstance(metadata, dict):
+        if "rate_limits" in metadata:
+            raise ProxyError(403, "Only the master key may set metadata.rate_limits.",
+                             param="metadata.rate_limits", code="insufficient_permissions")
+        if old_metadata and "rate_limits" in old_metadata:
+            metadata["rate_limits"] = old_metadata["rate_limits"]
 
 
 def _now() -> dt.datetime:
@@ -71,6 +102,10 @@ async def create_key(caller: Caller) -> Result:
         # the store would give a key the tenant of its user: check the user is ours first
         if user_id is not None and await store.get_user(user_id, tenant=caller.scope) is None:
             raise NotFound(f"no user {user_id!r}")
+        own_limit = caller.principal.metadata.get("monthly_limit_tokens")
+        if not f.has("monthly_limit_tokens") and isinstance(own_limit, int):
+            fields["monthly_limit_tokens"] = own_limit  # a capped admin's keys share its cap
+        _within_own(caller, fields)
     secret, record = await store.create_key(user_id=user_id, tenant_id=tenant_id, **fields)
     return 201, key_json(record, secret)
 
@@ -115,6 +150,11 @@ async def update_key(caller: Caller) -> Result:
         changes["metadata"] = f.mapping("metadata")
     if not changes:
         raise bad("body", f"nothing to change (fields: {', '.join(PATCH_FIELDS)})")
+    if not caller.master:
+        old = await caller.store.get_key(_key_id(caller), tenant=caller.scope)
+        if old is None:
+            raise NotFound(f"no key {_key_id(caller)!r}")
+        _within_own(caller, changes, old.metadata)
     record = await caller.store.update_key(_key_id(caller), tenant=caller.scope, **changes)
     return 200, key_json(record)
 
