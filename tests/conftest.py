@@ -13,7 +13,7 @@ from aiproxy.app import create_app
 from aiproxy.config import Config, parse_config
 
 pytest.register_assert_rewrite("tests.helpers")
-pytest_plugins = ["tests.storage_fixtures"]  # db_url, migrated_url, engine, store
+pytest_plugins = ["tests.storage_fixtures", "tests.redis_support"]  # db_url, …, store; prefix
 
 CHAT = {"model": "gpt-test", "messages": [{"role": "user", "content": "Say hi"}]}
 OPENAI_BASE = "https://api.openai.test/v1"

@@ -6,8 +6,6 @@ from __future__ import annotations
 
 import logging
 import os
-import uuid
-from collections.abc import AsyncIterator
 
 import pytest
 
@@ -17,21 +15,6 @@ from tests.tcp_proxy import TcpProxy
 REDIS_URL = os.environ.get("AIPROXY_TEST_REDIS_URL")
 pytestmark = pytest.mark.skipif(not REDIS_URL, reason="AIPROXY_TEST_REDIS_URL is not set")
 
-
-@pytest.fixture
-async def prefix() -> AsyncIterator[str]:
-    """A key prefix of this test's own; its keys are deleted afterwards."""
-    from redis.asyncio import Redis
-
-    name = f"aiproxy-test-{uuid.uuid4().hex[:12]}:"
-    yield name
-    client = Redis.from_url(REDIS_URL or "")
-    try:
-        keys = [k async for k in client.scan_iter(match=f"{name}*")]
-        if keys:
-            await client.delete(*keys)
-    finally:
-        await client.aclose()
 
 
 async def _keys(prefix: str) -> dict[bytes, int]:

@@ -10,7 +10,6 @@ import contextlib
 import datetime as dt
 import json
 import os
-import uuid
 from collections.abc import AsyncIterator, Iterator
 from decimal import Decimal
 from email import message_from_bytes
@@ -106,21 +105,6 @@ def smtp() -> Iterator[tuple[Mailbox, int]]:
     finally:
         controller.stop()
 
-
-@pytest.fixture
-async def prefix() -> AsyncIterator[str]:
-    from redis.asyncio import Redis
-
-    name = f"aiproxy-test-{uuid.uuid4().hex[:12]}:"
-    yield name
-    if REDIS_URL:
-        client = Redis.from_url(REDIS_URL)
-        try:
-            keys = [k async for k in client.scan_iter(match=f"{name}*")]
-            if keys:
-                await client.delete(*keys)
-        finally:
-            await client.aclose()
 
 
 def config(cost: dict[str, Any], **sections: Any) -> Any:

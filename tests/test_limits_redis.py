@@ -9,8 +9,6 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
-import uuid
-from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
@@ -26,21 +24,6 @@ from tests.test_limits import CHAT, PRO_KEY, estimate, limited, ratelimit
 REDIS_URL = os.environ.get("AIPROXY_TEST_REDIS_URL") or ""
 pytestmark = pytest.mark.skipif(not REDIS_URL, reason="AIPROXY_TEST_REDIS_URL is not set")
 
-
-@pytest.fixture
-async def prefix() -> AsyncIterator[str]:
-    """A key prefix of this test's own; its keys are deleted afterwards."""
-    from redis.asyncio import Redis
-
-    name = f"aiproxy-test-{uuid.uuid4().hex[:12]}:"
-    yield name
-    client = Redis.from_url(REDIS_URL)
-    try:
-        keys = [k async for k in client.scan_iter(match=f"{name}*")]
-        if keys:
-            await client.delete(*keys)
-    finally:
-        await client.aclose()
 
 
 async def test_replicas_sharing_redis_admit_exactly_the_limit_all_or_nothing(prefix: str) -> None:

@@ -6,8 +6,6 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
-import uuid
-from collections.abc import AsyncIterator
 
 import httpx
 import pytest
@@ -19,21 +17,6 @@ from tests.routing_support import A_URL, B_URL, FakeClock, answer, failure, pool
 REDIS_URL = os.environ.get("AIPROXY_TEST_REDIS_URL")
 needs_redis = pytest.mark.skipif(not REDIS_URL, reason="AIPROXY_TEST_REDIS_URL is not set")
 
-
-@pytest.fixture
-async def prefix() -> AsyncIterator[str]:
-    """A key prefix of this test's own; its keys are deleted afterwards."""
-    from redis.asyncio import Redis
-
-    name = f"aiproxy-test-{uuid.uuid4().hex[:12]}:"
-    yield name
-    client = Redis.from_url(REDIS_URL or "")
-    try:
-        keys = [k async for k in client.scan_iter(match=f"{name}*")]
-        if keys:
-            await client.delete(*keys)
-    finally:
-        await client.aclose()
 
 
 @needs_redis
