@@ -220,7 +220,7 @@ class Bench:
     def transport(self, name: str) -> Target:
         port = measure.free_port()
         path = self.work / f"transport-{name}.yaml"
-        path.write_text(config_yaml(self.fast, self.slow, False, self.work).replace("PORT", str(port)))
+        path.write_text(config_yaml(self.fast, self.slow, "bare", self.work).replace("PORT", str(port)))
         cmd = [sys.executable, str(measure.HERE / "transports.py"), name, "serve", "--config", str(path)]
         return self.gateway(f"aiproxy bare, client {name}", cmd, port, None, soak=False, levels=(1, 16))
 
