@@ -30,7 +30,9 @@ lint: $(VENV)/.installed-test
 	$(BIN)/mypy
 
 # The benchmark (needs wrk: apt-get install wrk); writes bench/RESULTS.md. BENCH_ARGS=--quick
-# for a short run, BENCH_ARGS="--compare litellm" to run the LiteLLM proxy beside it.
+# for a short run, BENCH_ARGS="--compare litellm" to run the LiteLLM proxy beside it, and
+# "--redis-url redis://127.0.0.1:6379/14 --database-url postgresql+asyncpg://postgres@127.0.0.1/test"
+# to add every stage on Redis and PostgreSQL (the bench creates the database aiproxy_bench).
 bench: $(VENV)/.installed-serve
 	$(BIN)/python bench/run.py $(BENCH_ARGS)
 

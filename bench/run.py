@@ -234,6 +234,25 @@ class Bench:
         return t
 
 
+def _target(data: dict[str, Any]) -> Target:
+    t = Target(**{k: v for k, v in data.items() if k not in ("load", "stream")})
+    t.load = {int(c): Load(**x) for c, x in data.get("load", {}).items()}
+    t.stream = Stream(**data["stream"]) if data.get("stream") else None
+    return t
+
+
+def from_json(path: Path) -> dict[str, Any]:
+    """A run's results as ``main`` saved them (bench/results/raw/full.json), to write the
+    table again (``--from-json``) after a change to the report's wording, not its figures."""
+    raw = json.loads(path.read_text())
+    out: dict[str, Any] = {"machine": raw["machine"], "settings": raw["settings"]}
+    for name, value in raw.items():
+        if name in ("machine", "settings"):
+            continue
+        out[name] = [_target(t) for t in value] if isinstance(value, list) else _target(value)
+    return out
+
+
 def machine() -> dict[str, str]:
     model = next((line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
                   if line.startswith("model name")), platform.processor())
@@ -266,7 +285,16 @@ def main() -> int:
                                                "aiproxy_bench on (postgresql+asyncpg://user@host/db)")
     parser.add_argument("--out", type=Path, help="markdown results (default bench/RESULTS.md; "
                                                   "--quick: bench/results/raw/quick.md)")
+    parser.add_argument("--from-json", type=Path, help="write the table again from a saved run's "
+                                                       "results (bench/results/raw/full.json)")
     args = parser.parse_args()
+    if args.from_json:
+        quick = args.from_json.name.startswith("quick")
+        raw_md = measure.HERE / "results" / "raw" / "quick.md"
+        out = args.out or (raw_md if quick else measure.HERE / "RESULTS.md")
+        out.write_text(report.markdown(from_json(args.from_json), quick=quick))
+        print(f"bench: results in {out}")
+        return 0
     signal.signal(signal.SIGTERM, _interrupted)  # stop what we started, as on Ctrl-C
     if shutil.which("wrk") is None:
         print("bench: wrk is not installed: `sudo apt-get install -y wrk` (Debian/Ubuntu) "
