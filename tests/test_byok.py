@@ -181,14 +181,22 @@ async def test_a_tenants_calls_use_its_own_key_and_other_tenants_the_shared_one(
     assert TENANT_KEY not in caplog.text
 
 
+async def _tenant_with_its_own_key(http: Any, cipher: Cipher | None = None) -> str:
+    """A tenant "a" with a virtual key and its own OpenAI key (sealed with ``cipher``, else
+    the app's own); the virtual key."""
+    app = http._transport.app
+    tenant = await app.state.key_store.create_tenant("a")
+    key, _ = await app.state.key_store.create_key(tenant_id=tenant.id)
+    store = app.state.credential_store if cipher is None else CredentialStore(app.state.database, cipher)
+    await store.put(tenant.id, "openai", TENANT_KEY)
+    return str(key)
+
+
 async def test_a_tenant_key_that_does_not_decrypt_is_503_not_the_shared_key(
         gateway: Callable[..., Any], migrated_url: str) -> None:
     config = _byok_config(migrated_url)
     async with gateway(config) as (http, upstream):
-        app = http._transport.app  # type: ignore[attr-defined]
-        tenant = await app.state.key_store.create_tenant("a")
-        key, _ = await app.state.key_store.create_key(tenant_id=tenant.id)
-        await CredentialStore(app.state.database, Cipher(OLD)).put(tenant.id, "openai", TENANT_KEY)
+        key = await _tenant_with_its_own_key(http, Cipher(OLD))
         route = upstream.post(f"{OPENAI_BASE}/chat/completions").respond(200, json=ANSWER)
         r = await http.post("/v1/chat/completions", json=CHAT, headers={"authorization": f"Bearer {key}"})
     assert r.status_code == 503 and error_of(r)["code"] == "service_unavailable"
@@ -199,10 +207,7 @@ async def test_an_upstream_that_echoes_a_tenants_key_has_it_redacted(
         gateway: Callable[..., Any], migrated_url: str) -> None:
     config = _byok_config(migrated_url)
     async with gateway(config) as (http, upstream):
-        app = http._transport.app  # type: ignore[attr-defined]
-        tenant = await app.state.key_store.create_tenant("a")
-        key, _ = await app.state.key_store.create_key(tenant_id=tenant.id)
-        await app.state.credential_store.put(tenant.id, "openai", TENANT_KEY)
+        key = await _tenant_with_its_own_key(http)
         upstream.post(f"{OPENAI_BASE}/chat/completions").respond(
             400, json={"error": {"message": f"key {TENANT_KEY} may not use this model", "code": "bad"}})
         r = await http.post("/v1/chat/completions", json=CHAT, headers={"authorization": f"Bearer {key}"})
@@ -214,10 +219,7 @@ async def test_a_tenants_key_echoed_in_a_mid_stream_error_is_redacted(
         gateway: Callable[..., Any], migrated_url: str) -> None:
     config = _byok_config(migrated_url)
     async with gateway(config) as (http, upstream):
-        app = http._transport.app  # type: ignore[attr-defined]
-        tenant = await app.state.key_store.create_tenant("a")
-        key, _ = await app.state.key_store.create_key(tenant_id=tenant.id)
-        await app.state.credential_store.put(tenant.id, "openai", TENANT_KEY)
+        key = await _tenant_with_its_own_key(http)
         first = {"id": "c1", "object": "chat.completion.chunk", "created": 1, "model": "m",
                  "choices": [{"index": 0, "delta": {"content": "Hi"}, "finish_reason": None}]}
         stream = (b"data: " + orjson.dumps(first) + b"\n\n" + b"data: "
