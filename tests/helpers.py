@@ -7,12 +7,13 @@ pytest rewrites the asserts of test modules only, so the ones here say what fail
 
 from __future__ import annotations
 
+import asyncio
 import os
 import socket
 import subprocess
 import sys
 import time
-from collections.abc import Iterator
+from collections.abc import AsyncIterator, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -126,3 +127,36 @@ def started_proxy(config: dict[str, Any], cwd: Path, *args: str, log_name: str =
             except subprocess.TimeoutExpired:
                 process.kill()
                 process.wait(5)
+
+
+class GatedStream(httpx.AsyncByteStream):
+    """An upstream body that sends its first part, then waits for the test's go-ahead
+    (``gate.set()``); ``closed`` says whether the gateway closed it."""
+
+    def __init__(self, first: bytes, rest: bytes) -> None:
+        self.first, self.rest = first, rest
+        self.gate = asyncio.Event()
+        self.closed = False
+
+    async def __aiter__(self) -> AsyncIterator[bytes]:
+        yield self.first
+        await self.gate.wait()
+        yield self.rest
+
+    async def aclose(self) -> None:
+        self.closed = True
+
+
+def streamed_tool_call(chunks: list[Any]) -> tuple[str, str, set[str]]:
+    """The one tool call an openai SDK stream carried: its name and arguments joined from
+    the deltas, and the ids it was given (a stream must give one)."""
+    name, arguments, ids = "", "", set()
+    for c in chunks:
+        for tc in c.choices[0].delta.tool_calls or [] if c.choices else []:
+            assert tc.index == 0, tc
+            if tc.id:
+                ids.add(tc.id)
+            if tc.function:
+                name += tc.function.name or ""
+                arguments += tc.function.arguments or ""
+    return name, arguments, ids

@@ -17,7 +17,7 @@ import openai
 import pytest
 
 from tests.fakes import FakeAnthropic
-from tests.helpers import started_proxy
+from tests.helpers import started_proxy, streamed_tool_call
 
 UPSTREAM_KEY = "sk-ant-fake-upstream-key-0042"
 WRONG_KEY = "sk-ant-wrong-key-0099"
@@ -139,15 +139,7 @@ def test_tool_call_streamed(client: openai.OpenAI) -> None:
             model="claude-fake", messages=[{"role": "user", "content": "Weather in Oslo?"}],
             tools=[WEATHER], stream=True) as stream:  # type: ignore[list-item]
         chunks = list(stream)
-    name, arguments, ids = "", "", set()
-    for c in chunks:
-        for tc in c.choices[0].delta.tool_calls or [] if c.choices else []:
-            assert tc.index == 0
-            if tc.id:
-                ids.add(tc.id)
-            if tc.function:
-                name += tc.function.name or ""
-                arguments += tc.function.arguments or ""
+    name, arguments, ids = streamed_tool_call(chunks)
     assert name == "get_weather" and len(ids) == 1
     assert json.loads(arguments) == {"location": "fake-location", "unit": "celsius"}
     assert [c.choices[0].finish_reason for c in chunks if c.choices and c.choices[0].finish_reason] == \

@@ -23,7 +23,7 @@ import openai
 import pytest
 
 from tests.fakes import FakeOllama, FakeOpenAI
-from tests.helpers import started_proxy
+from tests.helpers import started_proxy, streamed_tool_call
 
 REPO = Path(__file__).resolve().parent.parent
 UPSTREAM_KEY = "sk-fake-upstream-key"
@@ -234,15 +234,7 @@ def test_tool_call_streamed(client: openai.OpenAI, upstream: Upstream) -> None:
             model=upstream.chat, messages=[{"role": "user", "content": "Weather in Oslo?"}],
             tools=[WEATHER_TOOL], stream=True) as stream:
         chunks = list(stream)
-    name, arguments, ids = "", "", set()
-    for c in chunks:
-        for tc in c.choices[0].delta.tool_calls or [] if c.choices else []:
-            assert tc.index == 0
-            if tc.id:
-                ids.add(tc.id)
-            if tc.function:
-                name += tc.function.name or ""
-                arguments += tc.function.arguments or ""
+    name, arguments, ids = streamed_tool_call(chunks)
     assert name == "get_weather"
     assert len(ids) == 1
     assert isinstance(json.loads(arguments)["location"], str)

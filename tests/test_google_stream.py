@@ -5,7 +5,6 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
-from collections.abc import AsyncIterator
 from typing import Any
 
 import httpx
@@ -33,7 +32,7 @@ from tests.google_support import (
     sse_events,
     sse_fixture,
 )
-from tests.helpers import assert_no_secret, error_of
+from tests.helpers import GatedStream, assert_no_secret, error_of
 
 STREAMED = {**GEMINI, "stream": True}
 WITH_USAGE = {**STREAMED, "stream_options": {"include_usage": True}}
@@ -161,24 +160,7 @@ async def test_a_stream_that_ends_early_is_an_error(gclient, body):
         assert r.status_code == 502
 
 
-class Gated(httpx.AsyncByteStream):
-    """An upstream body whose second part waits for the test's go-ahead."""
-
-    def __init__(self, first: bytes, rest: bytes) -> None:
-        self.first, self.rest = first, rest
-        self.gate = asyncio.Event()
-        self.closed = False
-
-    async def __aiter__(self) -> AsyncIterator[bytes]:
-        yield self.first
-        await self.gate.wait()
-        yield self.rest
-
-    async def aclose(self) -> None:
-        self.closed = True
-
-
-def direct(body: Gated, include_usage: bool = False) -> tuple[GoogleProvider, Call, Deployment]:
+def direct(body: GatedStream, include_usage: bool = False) -> tuple[GoogleProvider, Call, Deployment]:
     http = httpx.AsyncClient(transport=httpx.MockTransport(lambda request: httpx.Response(200, stream=body)))
     provider = GoogleProvider(google_config().providers["google"], http)
     deployment = Deployment(name="gemini-test", provider=provider, model="gemini-2.5-flash",
@@ -192,7 +174,7 @@ def direct(body: Gated, include_usage: bool = False) -> tuple[GoogleProvider, Ca
 
 async def test_each_event_goes_out_when_it_arrives_and_sets_usage():
     first, *rest = sse_fixture("stream_text.sse").split(b"\n\n", 1)
-    body = Gated(first + b"\n\n", b"".join(rest))
+    body = GatedStream(first + b"\n\n", b"".join(rest))
     provider, call, deployment = direct(body)
     events = provider.chat_stream(call, deployment)
     chunk = await asyncio.wait_for(anext(events), 2)  # the rest of the upstream is still held back
@@ -207,7 +189,7 @@ async def test_each_event_goes_out_when_it_arrives_and_sets_usage():
 
 async def test_closing_a_stream_early_closes_the_upstream_response():
     raw = sse_fixture("stream_text.sse")
-    body = Gated(raw[:raw.index(b"\n\n") + 2], raw)
+    body = GatedStream(raw[:raw.index(b"\n\n") + 2], raw)
     provider, call, deployment = direct(body)
     events = provider.chat_stream(call, deployment)
     await anext(events)
@@ -217,7 +199,7 @@ async def test_closing_a_stream_early_closes_the_upstream_response():
 
 
 async def test_a_bad_request_fails_before_anything_is_sent():
-    body = Gated(b"", b"")
+    body = GatedStream(b"", b"")
     provider, call, deployment = direct(body)
     call.body = {**call.body, "logit_bias": {"1": 2}}
     with pytest.raises(ProxyError) as info:

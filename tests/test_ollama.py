@@ -19,6 +19,7 @@ from aiproxy.errors import ProxyError
 from aiproxy.router import Deployment
 from aiproxy.wire import unpack_floats
 from tests.conftest import OLLAMA_BASE, make_config
+from tests.helpers import GatedStream
 
 CHAT_URL = f"{OLLAMA_BASE}/api/chat"
 GENERATE_URL = f"{OLLAMA_BASE}/api/generate"
@@ -321,22 +322,6 @@ async def test_stream_cut_before_its_last_line_ends_with_an_error_event(client):
     assert "[DONE]" not in payloads
     assert json.loads(payloads[-1])["error"]["code"] == "upstream_bad_response"
 
-
-class GatedStream(httpx.AsyncByteStream):
-    """An upstream body that sends its first line, then waits to be let go."""
-
-    def __init__(self, first: bytes, rest: bytes) -> None:
-        self.first, self.rest = first, rest
-        self.gate = asyncio.Event()
-        self.closed = False
-
-    async def __aiter__(self) -> AsyncIterator[bytes]:
-        yield self.first
-        await self.gate.wait()
-        yield self.rest
-
-    async def aclose(self) -> None:
-        self.closed = True
 
 
 def direct(body: GatedStream) -> tuple[OllamaProvider, Call, Deployment]:
