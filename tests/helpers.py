@@ -8,6 +8,7 @@ pytest rewrites the asserts of test modules only, so the ones here say what fail
 from __future__ import annotations
 
 import asyncio
+import json
 import os
 import socket
 import subprocess
@@ -23,11 +24,12 @@ import httpx
 import yaml
 
 from aiproxy import hookimpl
+from aiproxy.app import create_app
 from aiproxy.call import Call
 from aiproxy.config import Config
 from aiproxy.errors import ProxyError
 from aiproxy.plugins import build_plugin_manager
-from tests.conftest import CHAT, OPENAI_BASE
+from tests.conftest import CHAT, OPENAI_BASE, make_config
 
 CHAT_URL = f"{OPENAI_BASE}/chat/completions"
 KEY = "sk-upstream-secret-123"
@@ -160,3 +162,15 @@ def streamed_tool_call(chunks: list[Any]) -> tuple[str, str, set[str]]:
                 name += tc.function.name or ""
                 arguments += tc.function.arguments or ""
     return name, arguments, ids
+
+
+async def post_all(cases: list[tuple[str, Any]]) -> list[httpx.Response]:
+    """POST each (path, body) in turn, the body as JSON, to one app on the default config
+    (the fuzzers: whatever the body, an answer or a well-shaped error)."""
+    app = create_app(make_config())
+    out = []
+    async with app.router.lifespan_context(app):
+        async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://proxy") as http:
+            for path, body in cases:
+                out.append(await http.post(path, content=json.dumps(body)))
+    return out

@@ -4,15 +4,12 @@ is not in Anthropic's shape; streams that start end in ``message_stop``."""
 from __future__ import annotations
 
 import asyncio
-import json
 from typing import Any
 
-import httpx
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from aiproxy.app import create_app
-from tests.conftest import make_config
+from tests.helpers import post_all
 
 scalars = st.none() | st.booleans() | st.integers(-(2**70), 2**70) | st.floats(allow_nan=False) \
     | st.text(max_size=12)
@@ -65,20 +62,10 @@ bodies = st.fixed_dictionaries(
 PATHS = st.sampled_from(["/v1/messages", "/v1/messages/count_tokens"])
 
 
-async def _post_all(cases: list[tuple[str, Any]]) -> list[httpx.Response]:
-    app = create_app(make_config())
-    out = []
-    async with app.router.lifespan_context(app):
-        async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://proxy") as http:
-            for path, body in cases:
-                out.append(await http.post(path, content=json.dumps(body)))
-    return out
-
-
 @settings(max_examples=200, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(st.lists(st.tuples(PATHS, bodies), min_size=1, max_size=5))
 def test_any_body_gets_an_answer_or_an_anthropic_error(cases: list[tuple[str, Any]]) -> None:
-    for (path, body), r in zip(cases, asyncio.run(_post_all(cases)), strict=True):
+    for (path, body), r in zip(cases, asyncio.run(post_all(cases)), strict=True):
         assert r.status_code in (200, 400, 404, 413), (path, body, r.status_code, r.text)
         if r.status_code != 200:
             answer = r.json()
