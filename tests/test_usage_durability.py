@@ -193,6 +193,11 @@ class TableLock:
         await self.engine.dispose()
 
 
+async def _call(http: Any, request_id: str) -> None:
+    r = await http.post("/v1/chat/completions", json=MOCK_CHAT, headers={"x-request-id": request_id})
+    assert r.status_code == 200
+
+
 async def test_a_full_queue_while_a_batch_is_in_flight_keeps_order_and_writes_nothing_twice(
         gateway: Any, migrated_url: str, tmp_path: Path) -> None:
     spool = tmp_path / "spool"
@@ -201,18 +206,14 @@ async def test_a_full_queue_while_a_batch_is_in_flight_keeps_order_and_writes_no
     async with gateway(cfg) as (http, _), asyncio.timeout(60):
         usage = http._transport.app.state.usage  # type: ignore[attr-defined]
 
-        async def call(i: int) -> None:
-            r = await http.post("/v1/chat/completions", json=MOCK_CHAT,
-                                headers={"x-request-id": f"f-{i:02d}"})
-            assert r.status_code == 200
-
         await lock.hold()
         try:
             for i in range(5):
-                await call(i)  # a batch: the flusher takes it and waits on the lock
+                await _call(http, f"f-{i:02d}")  # a batch: the flusher takes it and waits on the lock
             await wait_for(lambda: _true(usage._inflight is not None), what="a batch in flight")
             for i in range(5, 12):
-                await call(i)  # 5..9 fill the queue; 10 finds it full; 11 starts a new queue
+                # 5..9 fill the queue; 10 finds it full; 11 starts a new queue
+                await _call(http, f"f-{i:02d}")
             # the batch in flight, the queue and call 10 went to the spool, in that order
             assert _spooled(spool) == [f"f-{i:02d}" for i in range(11)]
             assert usage._inflight is not None  # still waiting: its fate is unknown
@@ -257,21 +258,16 @@ async def test_a_write_that_hangs_past_write_timeout_spools_and_the_rows_land_on
     async with gateway(cfg) as (http, _), asyncio.timeout(60):
         usage = http._transport.app.state.usage  # type: ignore[attr-defined]
 
-        async def call(i: int) -> None:
-            r = await http.post("/v1/chat/completions", json=MOCK_CHAT,
-                                headers={"x-request-id": f"h-{i:02d}"})
-            assert r.status_code == 200
-
         await lock.hold()
         try:
             for i in range(12):
-                await call(i)
+                await _call(http, f"h-{i:02d}")
             await wait_for(lambda: _true(usage.counts["write_errors"] > 0), what="a write to time out")
             await wait_for(lambda: _true(len(_spooled(spool)) >= 5), what="the batch in the spool")
         finally:
             await lock.release()
         for i in range(12, 20):
-            await call(i)
+            await _call(http, f"h-{i:02d}")
         await wait_for(lambda: _count_is(migrated_url, 20), what="all 20 rows")
         await wait_for(lambda: _true(not usage.spool.pending()), what="the spool replayed")
     written = await rows(migrated_url)
