@@ -160,7 +160,9 @@ class Gateway:
             call.state[_GATEWAY] = _ANSWERED
             call.response = reply.data
             if call.usage is None:
-                call.usage = Usage.from_openai(reply.data.get("usage")) or _estimated(call)
+                usage = Usage.from_openai(reply.data.get("usage"))
+                # none, or all zeros (Gemini's embeddings count nothing): the upstream did not say
+                call.usage = usage if usage is not None and usage.total_tokens else _estimated(call)
             await self._quietly("aiproxy_cache_store", call=call, reply=reply)
         call.state[_GATEWAY] = _ANSWERED
         call.finished = time.perf_counter()

@@ -12,8 +12,8 @@ price costs 0 with one warning per model, and ``call.metadata["cost_unpriced"]``
 A whole answer carries ``x-aiproxy-cost`` (plain decimal USD); a stream's head has
 gone out before its usage is known, so its cost is in the usage log and metrics only.
 A cache hit costs 0 and records what it saved in ``call.metadata["cost_saved"]``.
-A call whose answer came with no usage (Gemini embeddings say none) is priced on an
-estimate of its tokens, marked ``call.metadata["cost_estimated"]``.
+A call whose upstream gave no usage (Gemini embeddings count none; a stream cut short)
+is priced on the gateway's estimate of its tokens, marked ``call.metadata["cost_estimated"]``.
 
 Alerts: see :mod:`.alerts`. The spend is a tenant's (``principal.tenant``); a caller
 without one is its own tenant, ``key:<key id>`` (the master key is ``key:master``).
@@ -26,12 +26,12 @@ import math
 from decimal import Decimal, InvalidOperation
 from typing import Any
 
-from aiproxy import hookimpl, tokens
+from aiproxy import hookimpl
 from aiproxy.builtin.cost import prices
 from aiproxy.builtin.cost.alerts import Spend
 from aiproxy.builtin.cost.notifiers import Notifiers, Smtp
 from aiproxy.builtin.cost.prices import FREE, Price, usd_units
-from aiproxy.call import Call, Usage
+from aiproxy.call import Call
 from aiproxy.config import Config, ConfigError, parse_price
 from aiproxy.errors import ProxyError
 
@@ -95,19 +95,10 @@ class CostStage:
             return 0, price.exp
         if price is FREE:
             return 0, price.exp
-        usage = call.usage
-        if usage is None or (usage.prompt_tokens == 0 and usage.completion_tokens == 0):
-            usage = self._estimate(call)
+        usage = call.usage  # estimated by the gateway when the upstream did not say
+        if call.metadata.get("usage_estimated"):
+            call.metadata["cost_estimated"] = True
         return (price.units(usage) if usage is not None else 0), price.exp
-
-    def _estimate(self, call: Call) -> Usage | None:
-        if call.response is None:
-            return None
-        model = call.upstream_model or call.model
-        prompt = tokens.prompt(call.body, model)
-        produced = tokens.completion(call.response, model)
-        call.metadata["cost_estimated"] = True
-        return Usage(prompt, produced, prompt + produced)
 
     def _unpriced(self, call: Call) -> None:
         self.unpriced += 1
