@@ -239,3 +239,22 @@ def test_the_same_file_with_one_byte_changed_is_refused(tiny_encoding, caplog):
     assert tokens.count("hello" * 8, "aiproxy-tiny") == 10
     assert any("damaged" in r.getMessage() for r in caplog.records if r.levelno == logging.WARNING)
     assert tiny_encoding.exists()
+
+
+def test_a_calls_prompt_is_counted_once_however_many_stages_ask(monkeypatch):
+    from starlette.datastructures import Headers
+
+    from aiproxy.call import Call
+
+    counted = []
+    real = tokens.prompt
+    monkeypatch.setattr(tokens, "prompt", lambda body, model="": counted.append(model) or real(body, model))
+    body = {"messages": [{"role": "user", "content": "hello there"}]}
+    call = Call(request_id="r", operation="chat", body=body, model="m", stream=False, headers=Headers())
+    call.upstream_model = "up"
+    first = tokens.prompt_of(call)
+    assert tokens.prompt_of(call) == first == real(body, "up")
+    assert counted == ["up"]
+    call.body = {"messages": [{"role": "user", "content": "a much longer question than before"}]}
+    assert tokens.prompt_of(call) > first  # a stage replaced the body: counted again
+    assert counted == ["up", "up"]

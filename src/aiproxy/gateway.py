@@ -280,7 +280,7 @@ def _estimated(call: Call) -> Usage:
     """The usage of an answer whose upstream never said (a stream cut short, a server that
     sends none), estimated from the request and what was answered (:mod:`aiproxy.tokens`)."""
     model = call.upstream_model or call.model
-    prompt = tokens.prompt(call.body, model)
+    prompt = tokens.prompt_of(call)
     produced = tokens.completion(call.response, model)
     call.metadata["usage_estimated"] = True
     return Usage(prompt, produced, prompt + produced)

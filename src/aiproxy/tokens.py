@@ -19,7 +19,10 @@ import logging
 import os
 import tempfile
 from functools import cache, lru_cache
-from typing import Any
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from aiproxy.call import Call
 
 log = logging.getLogger("aiproxy.tokens")
 
@@ -158,6 +161,18 @@ def prompt(body: dict[str, Any], model: str = "") -> int:
         return sum(count(v, model) if isinstance(v, str) else
                    len(v) if isinstance(v, list) else 0 for v in value)
     return 0
+
+
+def prompt_of(call: Call) -> int:
+    """:func:`prompt` for ``call``'s body and model, counted once per call however many
+    stages ask (rate limits, quotas, the gateway's estimate); counted again if a stage
+    replaced the body."""
+    held = call.state.get("tokens.prompt")
+    if held is not None and held[0] is call.body:
+        return int(held[1])
+    n = prompt(call.body, call.upstream_model or call.model)
+    call.state["tokens.prompt"] = (call.body, n)
+    return n
 
 
 def completion(response: dict[str, Any] | None, model: str = "") -> int:

@@ -134,8 +134,7 @@ class Limits:
 
     def estimate(self, call: Call) -> int:
         """Tokens the call may use: its prompt plus the output it may ask for."""
-        model = call.upstream_model or call.model
-        n = tokens.prompt(call.body, model)
+        n = tokens.prompt_of(call)
         if call.operation != "embedding":
             n += tokens.max_completion(call.body, self.settings.completion_estimate)
         return max(1, n)

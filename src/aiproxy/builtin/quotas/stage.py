@@ -169,7 +169,7 @@ class Quotas:
         estimate = 0
         items: list[Reserve] = []
         if plan.tokens:
-            estimate = (tokens.prompt(call.body, call.upstream_model or call.model)
+            estimate = (tokens.prompt_of(call)
                         + tokens.max_completion(call.body, self.settings.completion_estimate))
             items = [(name, limit, estimate, seed if own else 0.0, expires)
                      for name, limit, own, expires in plan.tokens]
