@@ -10,6 +10,7 @@ from __future__ import annotations
 import inspect
 import logging
 from collections.abc import Callable
+from types import CoroutineType
 from typing import Any, NamedTuple
 
 import pluggy
@@ -22,7 +23,7 @@ async def first_result(caller: HookCaller, **kwargs: Any) -> Any | None:
     """Await each implementation in call order; return the first non-None answer."""
     for impl in reversed(caller.get_hookimpls()):
         value = impl.function(*[kwargs[name] for name in impl.argnames])
-        if inspect.isawaitable(value):
+        if _awaitable(value):
             value = await value
         if value is not None:
             return value
@@ -34,7 +35,7 @@ async def call_all(caller: HookCaller, **kwargs: Any) -> list[Any]:
     results = []
     for impl in reversed(caller.get_hookimpls()):
         value = impl.function(*[kwargs[name] for name in impl.argnames])
-        if inspect.isawaitable(value):
+        if _awaitable(value):
             value = await value
         if value is not None:
             results.append(value)
@@ -46,6 +47,7 @@ class _Impl(NamedTuple):
     argnames: tuple[str, ...]
     settings: dict[str, Any]
     plugin: str
+    only: str | None  # the one argument it takes, when that is all (most stages: ``call``)
 
 
 class Hooks:
@@ -64,7 +66,7 @@ class Hooks:
             caller: HookCaller = getattr(pm.hook, name)
             self._impls[name] = tuple(
                 _Impl(impl.function, tuple(impl.argnames), settings_for(impl.plugin_name),
-                      impl.plugin_name)
+                      impl.plugin_name, _only(tuple(impl.argnames)))
                 for impl in reversed(caller.get_hookimpls())
             )
 
@@ -77,7 +79,7 @@ class Hooks:
     async def first(self, hook: str, **kwargs: Any) -> Any | None:
         for impl in self._impls.get(hook, ()):
             value = _invoke(impl, hook, kwargs)
-            if inspect.isawaitable(value):
+            if _awaitable(value):
                 value = await _awaited(value, impl, hook)
             if value is not None:
                 return value
@@ -87,7 +89,7 @@ class Hooks:
         results = []
         for impl in self._impls.get(hook, ()):
             value = _invoke(impl, hook, kwargs)
-            if inspect.isawaitable(value):
+            if _awaitable(value):
                 value = await _awaited(value, impl, hook)
             if value is not None:
                 results.append(value)
@@ -100,7 +102,7 @@ class Hooks:
         for impl in self._impls.get(hook, ()):
             try:
                 value = _invoke(impl, hook, kwargs)
-                if inspect.isawaitable(value):
+                if _awaitable(value):
                     await _awaited(value, impl, hook)
             except Exception:
                 call = kwargs.get("call")
@@ -112,7 +114,7 @@ class Hooks:
         for impl in self._impls.get(hook, ()):
             if impl.plugin == plugin:
                 value = _invoke(impl, hook, kwargs)
-                return await _awaited(value, impl, hook) if inspect.isawaitable(value) else value
+                return await _awaited(value, impl, hook) if _awaitable(value) else value
         return None
 
     def sync_all(self, hook: str, **kwargs: Any) -> list[Any]:
@@ -126,7 +128,7 @@ class Hooks:
             if impl.plugin != plugin:
                 continue
             value = _invoke(impl, hook, kwargs)
-            if inspect.isawaitable(value):
+            if _awaitable(value):
                 close = getattr(value, "close", None)
                 if close:
                     close()
@@ -135,10 +137,22 @@ class Hooks:
         return None
 
 
+def _only(argnames: tuple[str, ...]) -> str | None:
+    return argnames[0] if len(argnames) == 1 and argnames[0] != "settings" else None
+
+
+def _awaitable(value: Any) -> bool:
+    # most stages answer None, or a coroutine when they do I/O: both without isawaitable's
+    # three isinstance checks
+    return value is not None and (type(value) is CoroutineType or inspect.isawaitable(value))
+
+
 def _invoke(impl: _Impl, hook: str, kwargs: dict[str, Any]) -> Any:
-    args = [impl.settings if name == "settings" else kwargs[name] for name in impl.argnames]
     try:
-        return impl.function(*args)
+        if impl.only is not None:
+            return impl.function(kwargs[impl.only])
+        return impl.function(*[impl.settings if name == "settings" else kwargs[name]
+                               for name in impl.argnames])
     except Exception as exc:
         _note(exc, impl, hook)
         raise
