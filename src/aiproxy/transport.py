@@ -28,6 +28,8 @@ from collections.abc import AsyncIterator
 import httptools
 import httpx
 
+from aiproxy import httpx_lean
+
 Origin = tuple[bytes, bytes, int]
 _HIGH_WATER = 256 * 1024  # buffered body bytes before reading from the socket pauses
 _DEFAULT_PORTS = {b"http": 80, b"https": 443}
@@ -266,8 +268,10 @@ class Transport(httpx.AsyncBaseTransport):
             raise
         if request.method == "HEAD":
             conn.complete, conn.keep_alive = True, False
-        return httpx.Response(conn.status, headers=conn.headers,
-                              stream=Body(self, conn, timeouts.get("read")),
+        stream = Body(self, conn, timeouts.get("read"))
+        if httpx_lean.LEAN:
+            return httpx_lean.response(conn.status, conn.headers, stream, {"http_version": b"HTTP/1.1"})
+        return httpx.Response(conn.status, headers=conn.headers, stream=stream,
                               extensions={"http_version": b"HTTP/1.1"})
 
     async def aclose(self) -> None:

@@ -28,6 +28,7 @@ from httpx._types import (
     TimeoutTypes,
 )
 
+from aiproxy import httpx_lean
 from aiproxy.transport import Body
 
 _URL_CACHE_SIZE = 1024
@@ -36,7 +37,7 @@ _URL_CACHE_SIZE = 1024
 class UpstreamClient(httpx.AsyncClient):
     def __init__(self, **kwargs: Any) -> None:
         super().__init__(**kwargs)
-        self._urls: dict[str, httpx.URL] = {}
+        self._urls: dict[str, tuple[httpx.URL, bytes]] = {}  # url -> (parsed, its netloc)
         # id(timeout) -> (that timeout, its as_dict()): a deployment's httpx.Timeout is built
         # once, so a request need not copy it; the entry holds the object, so its id stays its own
         self._timeouts: dict[int, tuple[TimeoutTypes, dict[str, float | None]]] = {}
@@ -54,11 +55,13 @@ class UpstreamClient(httpx.AsyncClient):
             return super().build_request(method, url, content=content, data=data, files=files, json=json,
                                          params=params, headers=headers, cookies=cookies, timeout=timeout,
                                          extensions=extensions)
-        parsed = self._urls.get(url)
-        if parsed is None:
+        cached_url = self._urls.get(url)
+        if cached_url is None:
             if len(self._urls) >= _URL_CACHE_SIZE:
                 self._urls.clear()
-            parsed = self._urls[url] = httpx.URL(url)
+            parsed = httpx.URL(url)
+            cached_url = self._urls[url] = (parsed, parsed.netloc)
+        parsed, netloc = cached_url
         limits: TimeoutTypes = self.timeout if isinstance(timeout, UseClientDefault) else timeout
         cached = self._timeouts.get(id(limits))
         if cached is None or cached[0] is not limits:
@@ -67,8 +70,12 @@ class UpstreamClient(httpx.AsyncClient):
             cached = self._timeouts[id(limits)] = (limits, httpx.Timeout(limits).as_dict())
         merged = {**self._default_headers, **headers} if headers else self._default_headers
         # a new extensions dict per request (a provider adds to it); the timeouts in it are only read
-        return httpx.Request(method, parsed, content=content, headers=merged,
-                             extensions={"timeout": cached[1]})
+        extensions = {"timeout": cached[1]}
+        if httpx_lean.LEAN and method.isupper() and isinstance(content, bytes | None):
+            lean = httpx_lean.request(method, parsed, netloc, content, merged, extensions)
+            if lean is not None:
+                return lean
+        return httpx.Request(method, parsed, content=content, headers=merged, extensions=extensions)
 
     def _has_cookies(self) -> bool:
         # ``bool(self.cookies)`` walks the whole jar on every call; its dict is enough
@@ -92,10 +99,11 @@ class UpstreamClient(httpx.AsyncClient):
         if isinstance(body, Body) and "content-encoding" not in response.headers:
             # read straight off the connection: no decoder and chunker chain for a plain body
             content = await body.read()  # a failure mid-body closes the connection itself
-            whole = httpx.Response(response.status_code, content=content, request=request,
-                                   extensions=response.extensions)
-            whole.headers = response.headers  # the upstream's, without a content-length added
-            return whole
+            # what ``aread`` and ``aclose`` leave, without the decoder and chunker chain
+            response._content = content
+            response.is_stream_consumed = response.is_closed = True
+            response._num_bytes_downloaded = len(content)
+            return response
         try:
             await response.aread()
         except BaseException:
