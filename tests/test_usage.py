@@ -427,3 +427,26 @@ async def test_the_real_cost_and_cache_stages_price_the_row(gateway: Any, migrat
     assert first["cost"] == pytest.approx(expected) and float(said[0][1]) == pytest.approx(expected)
     assert (hit["request_id"], hit["cached"], hit["cost"]) == ("priced-1", True, 0.0)
     assert hit["metadata"]["cost_saved"] == pytest.approx(expected)
+
+
+def test_uids_follow_the_rows_time_and_stay_unique() -> None:
+    earlier, later = usage_rows.new_uid(1_700_000_000.001), usage_rows.new_uid(1_700_000_000.002)
+    assert re.fullmatch(r"[0-9a-f]{32}", earlier) and earlier < later  # appended to the uid index
+    assert len({usage_rows.new_uid(1_700_000_000.5) for _ in range(10_000)}) == 10_000
+
+
+async def test_a_written_row_reads_back_as_it_was_given(engine: Any, migrated_url: str) -> None:
+    import datetime as dt
+
+    when = dt.datetime(2026, 3, 4, 5, 6, 7, 891011, tzinfo=dt.timezone(dt.timedelta(hours=2)))
+    row = {**usage_rows.COLUMNS, "uid": usage_rows.new_uid(when.timestamp()), "created_at": when,
+           "request_id": "r-\u00e9", "operation": "chat", "prompt_tokens": 3, "total_tokens": 3,
+           "cost": 1.25e-7, "cached": True, "status": 200,
+           "meta": {"nested": {"list": [1, 2.5, None, "\u2603"]}, 7: "numeric key"}}
+    await Writer(engine, timeout=5).write([row])
+    (back,) = await rows(migrated_url)
+    assert back["created_at"] == when  # the same instant, read back as UTC
+    assert back["created_at"].tzinfo is not None
+    assert back["metadata"] == {"nested": {"list": [1, 2.5, None, "\u2603"]}, "7": "numeric key"}
+    assert (back["request_id"], back["cost"], back["cached"], back["prompt_tokens"]) == \
+        ("r-\u00e9", 1.25e-7, True, 3)

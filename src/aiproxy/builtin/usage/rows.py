@@ -41,9 +41,12 @@ _SECRET = re.compile(
 )
 
 
-def new_uid() -> str:
-    """128 random bits, hex: the row's identity across retries and replays."""
-    return os.urandom(16).hex()
+def new_uid(when: float) -> str:
+    """The row's identity across retries and replays: its time in milliseconds (48 bits)
+    then 80 random bits, as 32 hex digits. Rows written in time order then append to the
+    unique index on ``uid`` instead of landing all over it (random uids made every insert
+    touch a different page: 2-3x the CPU per row once the table outgrew the page cache)."""
+    return f"{int(when * 1000) & 0xFFFFFFFFFFFF:012x}{os.urandom(10).hex()}"
 
 
 def scrub(message: str) -> str:
@@ -94,7 +97,7 @@ def materialize(captured: Captured) -> dict[str, Any]:
         if first_byte is not None:
             meta["after_first_byte"] = True  # the client had a 200 and an error event
     return {
-        "uid": new_uid(),
+        "uid": new_uid(when),
         "created_at": dt.datetime.fromtimestamp(when, dt.UTC),
         "request_id": request_id,
         "provider": deployment.provider.name if deployment is not None else None,

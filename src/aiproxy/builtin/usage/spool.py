@@ -45,7 +45,7 @@ def _line(row: dict[str, Any]) -> bytes:
         return orjson.dumps(row, default=str) + b"\n"
     except TypeError:
         fitted = fit(row)  # the insert's own fitting
-        fitted["meta"] = fitted.pop("metadata")
+        fitted["meta"] = orjson.loads(fitted.pop("metadata"))
         return orjson.dumps(fitted, default=str) + b"\n"
 
 
