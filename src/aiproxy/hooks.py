@@ -9,9 +9,9 @@ from __future__ import annotations
 
 import inspect
 import logging
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from types import CoroutineType
-from typing import Any, NamedTuple
+from typing import Any, NamedTuple, TypeGuard
 
 import pluggy
 from pluggy import HookCaller
@@ -141,7 +141,7 @@ def _only(argnames: tuple[str, ...]) -> str | None:
     return argnames[0] if len(argnames) == 1 and argnames[0] != "settings" else None
 
 
-def _awaitable(value: Any) -> bool:
+def _awaitable(value: Any) -> TypeGuard[Awaitable[Any]]:
     # most stages answer None, or a coroutine when they do I/O: both without isawaitable's
     # three isinstance checks
     return value is not None and (type(value) is CoroutineType or inspect.isawaitable(value))
