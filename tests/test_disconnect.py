@@ -8,6 +8,7 @@ import time
 import httpx
 import orjson
 
+from aiproxy import gateway as gateway_module
 from aiproxy import hookimpl
 from aiproxy.app import create_app
 from aiproxy.plugins import build_plugin_manager
@@ -126,3 +127,35 @@ async def test_a_client_leaving_after_the_answer_came_does_not_cut_the_after_cal
         await _call_then_leave(app, CHAT, upstream)
     assert stage.finished
     assert stage.seen == []  # no on-error 499 after the after-call
+
+
+async def _watchers_for(upstream: SlowUpstream, monkeypatch) -> int:
+    """How many disconnect watchers one call that its client does not leave started."""
+    started: list[str] = []
+    create_task = asyncio.create_task
+
+    def counting(coro, **kwargs):
+        started.append(coro.__qualname__)
+        return create_task(coro, **kwargs)
+
+    monkeypatch.setattr(asyncio, "create_task", counting)
+    app = create_app(make_config(), transport=httpx.MockTransport(upstream.handler))
+    async with app.router.lifespan_context(app):
+        async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://p") as http:
+            r = await http.post("/v1/chat/completions", json=CHAT)
+    assert r.status_code == 200, r.text
+    return sum(name.endswith("watch") for name in started)
+
+
+async def test_a_call_answered_at_once_starts_no_watcher(monkeypatch):
+    assert await _watchers_for(QuickUpstream(), monkeypatch) == 0
+
+
+class TakesAWhile(QuickUpstream):
+    async def handler(self, request: httpx.Request) -> httpx.Response:
+        await asyncio.sleep(gateway_module.WATCH_AFTER * 5)
+        return await super().handler(request)
+
+
+async def test_a_call_still_running_after_watch_after_is_watched(monkeypatch):
+    assert await _watchers_for(TakesAWhile(), monkeypatch) == 1

@@ -37,6 +37,9 @@ _GATEWAY, _ANSWERED = "gateway", "answered"  # call.state: the upstream answered
 _STREAM_HEADERS = {"cache-control": "no-cache", "x-accel-buffering": "no"}
 _WHOLE = {"chat": "chat", "completion": "completion", "embedding": "embedding"}
 _STREAMED = {"chat": "chat_stream", "completion": "completion_stream"}
+#: seconds a call runs before a task starts watching for its client leaving (see
+#: Gateway._unless_client_leaves): upstream work for a gone client runs at most this long
+WATCH_AFTER = 0.02
 
 
 def request_id(request: Request) -> str:
@@ -99,11 +102,15 @@ class Gateway:
     async def _unless_client_leaves(self, call: Call, receive: Receive) -> Response:
         """Answer, unless the client disconnects first: then cancel the work and say 499.
 
-        One watcher task per call (not a task group: that costs ~4x as much and wraps
-        errors in groups); it cancels this task, and only its own cancellation is caught.
+        The watcher (one plain task; a task group costs ~4x as much and wraps errors in
+        groups) starts only once the call has run for WATCH_AFTER seconds: a call answered
+        sooner (a cache hit, a fast upstream) never pays for a task, and a client leaving
+        is noticed at most that much later. It cancels this task; only its own
+        cancellation is caught.
         """
         task = asyncio.current_task()
         assert task is not None
+        watcher: asyncio.Task[None] | None = None
 
         async def watch() -> None:
             try:
@@ -115,16 +122,22 @@ class Gateway:
             if call.state.get(_GATEWAY) != _ANSWERED:
                 task.cancel()
 
-        watcher = asyncio.create_task(watch())
+        def start() -> None:
+            nonlocal watcher
+            watcher = asyncio.create_task(watch())
+
+        timer = asyncio.get_running_loop().call_later(WATCH_AFTER, start)
         try:
             return await self._answer(call)
         except asyncio.CancelledError:
-            if not (watcher.done() and not watcher.cancelled()) or task.uncancel():
+            if watcher is None or not (watcher.done() and not watcher.cancelled()) or task.uncancel():
                 raise  # cancelled by someone else (shutdown): let it through
             raise ProxyError(499, "The client closed the request before its answer began.",
                              type="client_closed_request", code="client_closed_request") from None
         finally:
-            watcher.cancel()
+            timer.cancel()
+            if watcher is not None:
+                watcher.cancel()
 
     async def authenticate(self, call: Call) -> Principal:
         principal = await self.hooks.first("aiproxy_authenticate", call=call)
