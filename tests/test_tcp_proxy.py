@@ -9,8 +9,8 @@ import os
 import socket
 import time
 import uuid
-from urllib.parse import urlsplit
 from collections.abc import Callable, Iterator
+from urllib.parse import urlsplit
 
 import pytest
 import redis
