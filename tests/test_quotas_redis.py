@@ -148,3 +148,33 @@ async def test_a_caller_with_no_quota_or_budget_costs_no_redis_round_trip(redis:
             assert app.quotas.aiproxy_stats()["aiproxy_quotas_backend_errors_total"] == 0
             assert (await app.chat("capped")).status_code == 200  # fails open…
             assert app.quotas.aiproxy_stats()["aiproxy_quotas_backend_errors_total"] == 1  # …after trying
+
+
+async def test_a_call_cancelled_while_redis_reserves_for_it_gives_the_reservation_back(redis: Any) -> None:
+    # before: a task cancelled (a shutdown, say) while the reserve script was in flight: Redis
+    # took the tokens, call.state never held them, so no settle gave them back, ever
+    clock = Clock(epoch(2026, 11, 10))
+    name = f"{redis.test_prefix}quotas:tok:key:config:ci:2026-11"
+    with TcpProxy.for_url(REDIS_URL) as proxy:
+        config = shared(redis, {}, [key("ci", monthly_limit_tokens=10_000)], url=proxy.url(REDIS_URL))
+        async with started(config, clock) as app:
+            app.upstream.post(f"{OPENAI_BASE}/chat/completions").respond(
+                json=answer_of_exactly_the_estimate())
+            assert (await app.chat("ci", BODY)).status_code == 200  # the script is loaded
+            proxy.stall()
+            call = asyncio.create_task(app.chat("ci", BODY))
+            for _ in range(200):  # bounded: until Redis has taken this call's reservation
+                if float(await redis.get(name)) == 2 * EST:
+                    break
+                await asyncio.sleep(0.01)
+            assert float(await redis.get(name)) == 2 * EST
+            call.cancel()
+            with pytest.raises(asyncio.CancelledError):
+                await call
+            proxy.resume()
+            for _ in range(200):
+                if float(await redis.get(name)) == EST:
+                    break
+                await asyncio.sleep(0.01)
+            assert float(await redis.get(name)) == EST  # the first call's tokens only
+            assert app.upstream.calls.call_count == 1

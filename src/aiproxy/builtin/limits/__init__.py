@@ -16,16 +16,19 @@ only a loopback-bound gateway allows) get ``limits.anonymous_tier`` (default: no
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import math
 import time
 from collections.abc import Awaitable
 from dataclasses import dataclass
+from typing import Any
 
 from aiproxy import hookimpl, tokens
 from aiproxy.builtin.limits.gcra import Clock, LocalStore, Rule, Verdict, duration, headers
 from aiproxy.builtin.limits.redis_store import RedisStore
 from aiproxy.builtin.limits.settings import OVERRIDE, Rate, key_override, parse_settings
+from aiproxy.builtin.undo import finish_or_undo, settled
 from aiproxy.call import Call, Principal
 from aiproxy.config import Config, ConfigError
 from aiproxy.errors import ProxyError
@@ -69,6 +72,7 @@ class Limits:
         self.down_since: float | None = None
         self._reminded = 0.0
         self.counts = {"refused": 0, "backend_errors": 0, "unchecked": 0, "unavailable": 0}
+        self._finishing: set[asyncio.Task[Any]] = set()  # takes of cancelled calls, ending
 
     # ------------------------------------------------------------ which limits
     def rules(self, call: Call) -> list[Rule]:
@@ -159,13 +163,28 @@ class Limits:
             self._unchecked()
             return
         try:
-            verdict = await self.remote.take(rules)
+            # to its answer even if this call is cancelled meanwhile (Redis takes the tokens
+            # whether or not anyone waits); then, cancelled, they are given back
+            verdict = await finish_or_undo(self.remote.take(rules), lambda v: self._give_back(rules, v),
+                                           self._finishing)
         except Exception as exc:  # redis errors, OSError, timeouts
             self._failed(exc)
             self._unchecked()
             return
         self._recovered()
         self._decide(call, rules, verdict)
+
+    def _give_back(self, rules: list[Rule], verdict: Verdict) -> Awaitable[None] | None:
+        """The tokens a cancelled call's take reserved (its request counts: it was made)."""
+        held = [(r, verdict.at + a) for r, a in zip(rules, verdict.ahead, strict=True) if r.kind == "tokens"]
+        if not verdict.admitted or not held:
+            return None
+        return self._settle(Held([r for r, _ in held], held[0][0].cost, [t for _, t in held]),
+                            -held[0][0].cost)
+
+    async def finished(self) -> None:
+        """Wait for the takes of cancelled calls, and their giving back (shutdown, tests)."""
+        await settled(self._finishing)
 
     def _decide(self, call: Call, rules: list[Rule], verdict: Verdict) -> None:
         if not verdict.admitted:
@@ -261,6 +280,7 @@ class Limits:
     @hookimpl
     async def aiproxy_shutdown(self) -> None:
         if self.remote is not None:
+            await self.finished()
             await self.remote.aclose()
 
 

@@ -7,7 +7,7 @@ import contextlib
 import logging
 import math
 import time
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -19,6 +19,7 @@ from aiproxy.builtin.quotas.periods import GRACE, Calendar, Periods
 from aiproxy.builtin.quotas.rules import NONE, Rules, rules_for
 from aiproxy.builtin.quotas.settings import parse
 from aiproxy.builtin.quotas.writeback import UsageWriter
+from aiproxy.builtin.undo import finish_or_undo, settled
 from aiproxy.call import Call, Principal
 from aiproxy.config import Config
 from aiproxy.errors import ProxyError
@@ -78,6 +79,7 @@ class Quotas:
         self._task: asyncio.Task[None] | None = None
         self._stop = asyncio.Event()  # ends the periodic task between two ticks, never within one
         self._stopped = False  # shut down: a call ending now is past the last flush
+        self._finishing: set[asyncio.Task[Any]] = set()  # reservations of cancelled calls, ending
         self.backend_errors = 0
         self.refused = 0
         self.lost = 0
@@ -110,6 +112,7 @@ class Quotas:
             self._stop.set()
             await self._task
             self._task = None
+        await settled(self._finishing)  # a cancelled call's reservation, given back
         await self.tick()
         if self._owed:  # one last try, whatever the retry window says
             try:
@@ -283,12 +286,27 @@ class Quotas:
             return await self.counters.reserve(items, now)
         if now < self._down_until:
             return self._unavailable(now)
+        # run to its answer even if this call is cancelled meanwhile (Redis takes the tokens
+        # whether or not anyone waits for its answer); then, cancelled, they are given back
+        return await finish_or_undo(self._reserve_shared(items, now),
+                                    lambda refused: self._release(items, refused), self._finishing)
+
+    async def _reserve_shared(self, items: list[Reserve], now: float) -> tuple[int, float] | object | None:
         try:
             await self._repay(now)
             return await self.counters.reserve(items, now)
         except Exception as exc:
             self._failed(exc, now)
             return self._unavailable(now)
+
+    def _release(self, items: list[Reserve],
+                 refused: tuple[int, float] | object | None) -> Awaitable[None] | None:
+        """Give back what a reservation took for a call that is gone (cancelled)."""
+        back: list[Add] = [(name, -amount, seed, expires)
+                           for name, _, amount, seed, expires in items if amount]
+        if refused is not None or not back:  # refused or unchecked: nothing was taken
+            return None
+        return self._add(back, self.clock())
 
     async def _add(self, items: list[Add], now: float) -> None:
         if not self.counters.remote:
