@@ -22,13 +22,11 @@ import math
 import time
 from collections.abc import Awaitable
 from dataclasses import dataclass
-from typing import Any
 
 from aiproxy import hookimpl, tokens
 from aiproxy.builtin.limits.gcra import Clock, LocalStore, Rule, Verdict, duration, headers
 from aiproxy.builtin.limits.redis_store import RedisStore
 from aiproxy.builtin.limits.settings import OVERRIDE, Rate, key_override, parse_settings
-from aiproxy.builtin.undo import finish_or_undo, settled
 from aiproxy.call import Call, Principal
 from aiproxy.config import Config, ConfigError
 from aiproxy.errors import ProxyError
@@ -72,7 +70,7 @@ class Limits:
         self.down_since: float | None = None
         self._reminded = 0.0
         self.counts = {"refused": 0, "backend_errors": 0, "unchecked": 0, "unavailable": 0}
-        self._finishing: set[asyncio.Task[Any]] = set()  # takes of cancelled calls, ending
+        self._finishing: set[asyncio.Task[None]] = set()  # cancelled calls' tokens, given back
 
     # ------------------------------------------------------------ which limits
     def rules(self, call: Call) -> list[Rule]:
@@ -163,10 +161,10 @@ class Limits:
             self._unchecked()
             return
         try:
-            # to its answer even if this call is cancelled meanwhile (Redis takes the tokens
-            # whether or not anyone waits); then, cancelled, they are given back
-            verdict = await finish_or_undo(self.remote.take(rules), lambda v: self._give_back(rules, v),
-                                           self._finishing)
+            verdict = await self.remote.take(rules)
+        except asyncio.CancelledError:
+            self._give_back(rules)
+            raise
         except Exception as exc:  # redis errors, OSError, timeouts
             self._failed(exc)
             self._unchecked()
@@ -174,17 +172,24 @@ class Limits:
         self._recovered()
         self._decide(call, rules, verdict)
 
-    def _give_back(self, rules: list[Rule], verdict: Verdict) -> Awaitable[None] | None:
-        """The tokens a cancelled call's take reserved (its request counts: it was made)."""
-        held = [(r, verdict.at + a) for r, a in zip(rules, verdict.ahead, strict=True) if r.kind == "tokens"]
-        if not verdict.admitted or not held:
-            return None
-        return self._settle(Held([r for r, _ in held], held[0][0].cost, [t for _, t in held]),
-                            -held[0][0].cost)
+    def _give_back(self, rules: list[Rule]) -> None:
+        """A call cancelled while its take was in flight (a shutdown): nothing will settle it.
+        The take was most likely applied (the time goes in waiting for the answer), so its
+        token estimate is given back, off the cancelled task. Not knowing, this is right
+        when the take was admitted; if it never reached Redis or was refused, the key gets
+        up to one estimate more for under a minute, the mirror of what it lost before."""
+        tokens = [r for r in rules if r.kind == "tokens"]
+        if not tokens or self.remote is None:
+            return
+        task = asyncio.get_running_loop().create_task(
+            self._settle_shared(Held(tokens, tokens[0].cost, [0.0] * len(tokens)), -tokens[0].cost))
+        self._finishing.add(task)
+        task.add_done_callback(self._finishing.discard)
 
     async def finished(self) -> None:
-        """Wait for the takes of cancelled calls, and their giving back (shutdown, tests)."""
-        await settled(self._finishing)
+        """Wait for the giving back of cancelled calls' tokens (shutdown, tests)."""
+        while self._finishing:
+            await asyncio.gather(*list(self._finishing), return_exceptions=True)
 
     def _decide(self, call: Call, rules: list[Rule], verdict: Verdict) -> None:
         if not verdict.admitted:
