@@ -228,3 +228,27 @@ async def test_a_settle_applied_but_not_acknowledged_is_counted_once(redis: Any)
             assert (await app.chat("ci", BODY)).status_code == 200  # what is owed is paid first
             assert float(await redis.get(name)) == 3 * EST
             assert float(await redis.get(usd)) == 3 * 250_000_000
+
+
+async def test_a_call_cancelled_while_its_upstream_answers_gives_the_reservation_back(redis: Any) -> None:
+    # before: a shutdown cancelling a call in flight upstream left no stage to settle it (no
+    # after-call, no on-error): the estimate Redis had reserved stayed in the month's counter
+    clock = Clock(epoch(2026, 11, 10))
+    name = f"{redis.test_prefix}quotas:tok:key:config:ci:2026-11"
+    config = shared(redis, {}, [key("ci", monthly_limit_tokens=10_000)])
+    async with started(config, clock) as app:
+        upstream = asyncio.Event()
+
+        async def answer_late(_: httpx.Request) -> httpx.Response:
+            upstream.set()
+            await asyncio.sleep(30)  # cancelled long before
+            return httpx.Response(200, json=answer_of_exactly_the_estimate())
+
+        app.upstream.post(f"{OPENAI_BASE}/chat/completions").mock(side_effect=answer_late)
+        call = asyncio.create_task(app.chat("ci", BODY))
+        await asyncio.wait_for(upstream.wait(), 5)
+        assert float(await redis.get(name)) == EST  # reserved
+        call.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await call
+        assert float(await redis.get(name)) == 0  # given back
