@@ -6,6 +6,8 @@ can take that server away mid-run and bring it back without stopping the shared 
         ...
         proxy.cut()        # open connections are reset; new ones are refused
         proxy.restore()    # new connections are forwarded again (same port)
+        proxy.stall()      # the server still gets every request; its replies are held
+        proxy.resume()     # held replies go on (to a client that has not hung up)
 
 Threads, not asyncio: it serves any test, sync or async, whatever loop runs it.
 """
@@ -30,6 +32,8 @@ class TcpProxy:
         self._listener: socket.socket | None = None
         self.port = 0
         self.accepted = 0  # connections forwarded so far
+        self._flowing = threading.Event()  # cleared: replies from the server are held
+        self._flowing.set()
         self._listen()
 
     @classmethod
@@ -66,6 +70,16 @@ class TcpProxy:
             _kill(listener)
         for conn in conns:
             _kill(conn, reset=True)
+        self._flowing.set()  # a pump holding a reply wakes, finds its socket gone, and ends
+
+    def stall(self) -> None:
+        """Hold the server's replies; requests still reach it. A client's command is then
+        applied by the server but never acknowledged: the client times out not knowing."""
+        self._flowing.clear()
+
+    def resume(self) -> None:
+        """Let the server's replies through again."""
+        self._flowing.set()
 
     def restore(self) -> None:
         """Forward new connections again, on the same port."""
@@ -114,13 +128,16 @@ class TcpProxy:
                 self._conns += [client, upstream]
                 self.accepted += 1
             pair = _Pair()
-            for src, dst in ((client, upstream), (upstream, client)):
-                threading.Thread(target=self._pump, args=(pair, src, dst), daemon=True,
+            for src, dst, gate in ((client, upstream, None), (upstream, client, self._flowing)):
+                threading.Thread(target=self._pump, args=(pair, src, dst, gate), daemon=True,
                                  name=f"tcp-proxy-{self.port}-pump").start()
 
-    def _pump(self, pair: _Pair, src: socket.socket, dst: socket.socket) -> None:
+    def _pump(self, pair: _Pair, src: socket.socket, dst: socket.socket,
+              gate: threading.Event | None) -> None:
         try:
             while data := src.recv(65536):
+                if gate is not None:
+                    gate.wait()
                 dst.sendall(data)
         except OSError:
             pass

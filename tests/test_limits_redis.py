@@ -192,3 +192,59 @@ async def test_a_call_that_outlasts_its_reservation_is_still_charged_what_it_use
         left = int(after.headers["x-ratelimit-remaining-tokens"])
         # about 6000 - used - estimate, plus what came back since the call ended: far from full
         assert left < 6000 - estimate(body, 20) - used // 2, after.headers
+
+
+async def test_a_call_cancelled_while_redis_takes_its_tokens_gives_them_back(prefix: str) -> None:
+    # before: a task cancelled while the take script was in flight left its token estimate
+    # taken in Redis (no call.state, so no settle): the key's TPM was short by it for up to a minute
+    from redis.asyncio import Redis
+
+    with TcpProxy.for_url(REDIS_URL) as tcp:
+        redis = {"url": tcp.url(REDIS_URL), "prefix": prefix}
+        direct = Redis.from_url(REDIS_URL)
+        async with limited({"tiers": {"free": {"tokens_per_minute": 1000}}}, redis=redis) as g:
+            body: dict[str, Any] = {**CHAT, "max_tokens": 100, "mock": {"tokens": 20}}
+            est = estimate(body, 100)
+            first = await g.chat(**body)  # the script is loaded
+            used = first.json()["usage"]["total_tokens"]
+            counter = f"{prefix}limits:key:config:free:t"
+            before = float(await direct.get(counter))
+            tcp.stall()
+            call = asyncio.create_task(g.chat(**body))
+            for _ in range(200):  # bounded: until Redis has taken this call's tokens
+                if float(await direct.get(counter)) > before:
+                    break
+                await asyncio.sleep(0.01)
+            assert float(await direct.get(counter)) > before
+            call.cancel()
+            with pytest.raises(asyncio.CancelledError):
+                await call
+            tcp.resume()
+            await g.plugin.finished()
+            after = await g.chat(**body)
+            # given back: only the first call's tokens and this one's estimate are out (plus
+            # what flowed back meanwhile, well under an estimate); kept, another estimate was
+            assert int(after.headers["x-ratelimit-remaining-tokens"]) >= 1000 - used - est
+        await direct.aclose()
+
+
+async def test_a_call_cancelled_while_its_upstream_answers_gives_its_tokens_back(prefix: str) -> None:
+    # before: a shutdown cancelling a call in flight upstream left its token estimate taken
+    # (no after-call, no on-error settled it): the key's TPM was short by it for up to a minute
+    async with limited({"tiers": {"free": {"tokens_per_minute": 1000}}},
+                       redis={"url": REDIS_URL, "prefix": prefix}) as g:
+        body: dict[str, Any] = {**CHAT, "max_tokens": 100, "mock": {"tokens": 20, "latency_ms": 30_000}}
+        est = estimate(body, 100)
+        call = asyncio.create_task(g.chat(**body))
+        for _ in range(500):  # bounded: until the call is upstream, its tokens taken
+            if await g.plugin.remote.redis.get(f"{prefix}limits:key:config:free:t"):
+                break
+            await asyncio.sleep(0.01)
+        await asyncio.sleep(0.05)
+        call.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await call
+        after = await g.chat(**{**body, "mock": {"tokens": 20}})
+        # given back: only this call's estimate is out (plus a little that flowed back); kept,
+        # two estimates were
+        assert int(after.headers["x-ratelimit-remaining-tokens"]) >= 1000 - est - 5

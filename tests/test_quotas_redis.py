@@ -12,6 +12,7 @@ import uuid
 from collections.abc import AsyncIterator
 from typing import Any
 
+import httpx
 import pytest
 
 from aiproxy import tokens
@@ -148,3 +149,106 @@ async def test_a_caller_with_no_quota_or_budget_costs_no_redis_round_trip(redis:
             assert app.quotas.aiproxy_stats()["aiproxy_quotas_backend_errors_total"] == 0
             assert (await app.chat("capped")).status_code == 200  # fails open…
             assert app.quotas.aiproxy_stats()["aiproxy_quotas_backend_errors_total"] == 1  # …after trying
+
+
+async def test_a_call_cancelled_while_redis_reserves_for_it_gives_the_reservation_back(redis: Any) -> None:
+    # before: a task cancelled (a shutdown, say) while the reserve script was in flight: Redis
+    # took the tokens, call.state never held them, so no settle gave them back, ever
+    clock = Clock(epoch(2026, 11, 10))
+    name = f"{redis.test_prefix}quotas:tok:key:config:ci:2026-11"
+    with TcpProxy.for_url(REDIS_URL) as proxy:
+        config = shared(redis, {}, [key("ci", monthly_limit_tokens=10_000)], url=proxy.url(REDIS_URL))
+        async with started(config, clock) as app:
+            app.upstream.post(f"{OPENAI_BASE}/chat/completions").respond(
+                json=answer_of_exactly_the_estimate())
+            assert (await app.chat("ci", BODY)).status_code == 200  # the script is loaded
+            proxy.stall()
+            call = asyncio.create_task(app.chat("ci", BODY))
+            for _ in range(200):  # bounded: until Redis has taken this call's reservation
+                if float(await redis.get(name)) == 2 * EST:
+                    break
+                await asyncio.sleep(0.01)
+            assert float(await redis.get(name)) == 2 * EST
+            call.cancel()
+            with pytest.raises(asyncio.CancelledError):
+                await call
+            proxy.resume()
+            await app.quotas.tick()  # the periodic work sends the giving back (as a next call would)
+            assert float(await redis.get(name)) == EST  # the first call's tokens only
+            assert app.upstream.calls.call_count == 1
+
+
+async def test_a_reservation_applied_but_not_acknowledged_is_settled_exactly(redis: Any) -> None:
+    # before: the reserve script ran but its answer timed out; the call went on unchecked
+    # (fail open) holding nothing, its settle added all it used, and the estimate Redis had
+    # taken stayed in the month's counter for good
+    clock = Clock(epoch(2026, 11, 10))
+    name = f"{redis.test_prefix}quotas:tok:key:config:ci:2026-11"
+    with TcpProxy.for_url(REDIS_URL) as proxy:
+        config = shared(redis, {"redis_retry_seconds": 5}, [key("ci", monthly_limit_tokens=10_000)],
+                        url=proxy.url(REDIS_URL))
+        async with started(config, clock) as app:
+            app.upstream.post(f"{OPENAI_BASE}/chat/completions").mock(side_effect=lambda _: (
+                proxy.resume(), httpx.Response(200, json=answer_of_exactly_the_estimate()))[1])
+            assert (await app.chat("ci", BODY)).status_code == 200  # the script is loaded
+            proxy.stall()  # the next reserve is applied, its answer lost; the upstream resumes
+            assert (await app.chat("ci", BODY)).status_code == 200  # unchecked (fail open)
+            assert app.quotas.backend_errors == 1
+            clock.now += 5
+            assert (await app.chat("ci", BODY)).status_code == 200
+            assert float(await redis.get(name)) == 3 * EST
+
+
+async def test_a_settle_applied_but_not_acknowledged_is_counted_once(redis: Any) -> None:
+    # before: the settle's add ran but its answer timed out; it was owed and added again
+    # when Redis answered next (the month's counter and budgets counted the call twice)
+    clock = Clock(epoch(2026, 11, 10))
+    name = f"{redis.test_prefix}quotas:tok:key:config:ci:2026-11"
+    usd = f"{redis.test_prefix}quotas:usd:key:config:ci:2026-11"
+    with TcpProxy.for_url(REDIS_URL) as proxy:
+        budgets = {"keys": {"config:ci": {"monthly_usd": 10}}}
+        config = shared(redis, {"redis_retry_seconds": 5, "budgets": budgets},
+                        [key("ci", monthly_limit_tokens=10_000)], url=proxy.url(REDIS_URL))
+        async with started(config, clock, Cost(0.25)) as app:
+            stalls = [None, proxy]  # the second call's upstream stalls Redis before its settle
+
+            def answer(_: httpx.Request) -> httpx.Response:
+                stall = stalls.pop(0) if stalls else None
+                if stall is not None:
+                    stall.stall()
+                return httpx.Response(200, json=answer_of_exactly_the_estimate())
+
+            app.upstream.post(f"{OPENAI_BASE}/chat/completions").mock(side_effect=answer)
+            assert (await app.chat("ci", BODY)).status_code == 200
+            assert (await app.chat("ci", BODY)).status_code == 200  # its settle times out
+            assert app.quotas.backend_errors == 1
+            assert float(await redis.get(name)) == 2 * EST  # it did go in
+            proxy.resume()
+            clock.now += 5
+            assert (await app.chat("ci", BODY)).status_code == 200  # what is owed is paid first
+            assert float(await redis.get(name)) == 3 * EST
+            assert float(await redis.get(usd)) == 3 * 250_000_000
+
+
+async def test_a_call_cancelled_while_its_upstream_answers_gives_the_reservation_back(redis: Any) -> None:
+    # before: a shutdown cancelling a call in flight upstream left no stage to settle it (no
+    # after-call, no on-error): the estimate Redis had reserved stayed in the month's counter
+    clock = Clock(epoch(2026, 11, 10))
+    name = f"{redis.test_prefix}quotas:tok:key:config:ci:2026-11"
+    config = shared(redis, {}, [key("ci", monthly_limit_tokens=10_000)])
+    async with started(config, clock) as app:
+        upstream = asyncio.Event()
+
+        async def answer_late(_: httpx.Request) -> httpx.Response:
+            upstream.set()
+            await asyncio.sleep(30)  # cancelled long before
+            return httpx.Response(200, json=answer_of_exactly_the_estimate())
+
+        app.upstream.post(f"{OPENAI_BASE}/chat/completions").mock(side_effect=answer_late)
+        call = asyncio.create_task(app.chat("ci", BODY))
+        await asyncio.wait_for(upstream.wait(), 5)
+        assert float(await redis.get(name)) == EST  # reserved
+        call.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await call
+        assert float(await redis.get(name)) == 0  # given back

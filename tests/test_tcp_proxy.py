@@ -1,6 +1,7 @@
 """The test TCP forwarder (tests/tcp_proxy.py) in front of the real Redis: it forwards, a
 cut resets what is open (both ends: the server sees its client go) and refuses new
-connections, and a restore forwards again on the same port."""
+connections, a restore forwards again on the same port, and a stall lets requests through
+but holds the replies (applied, never acknowledged)."""
 
 from __future__ import annotations
 
@@ -9,6 +10,7 @@ import socket
 import time
 import uuid
 from collections.abc import Callable, Iterator
+from urllib.parse import urlsplit
 
 import pytest
 import redis
@@ -110,6 +112,28 @@ def test_restore_forwards_again_on_the_same_port(direct):
         proxy.restore()  # restoring what is up changes nothing
         assert proxy.port == port
         assert proxy.accepted == 3
+
+
+def test_a_stall_applies_the_command_but_holds_its_reply(direct):
+    key = f"aiproxy-test:{uuid.uuid4().hex}:tcp"
+    with TcpProxy.for_url(REDIS_URL or "") as proxy:
+        sock = socket.create_connection(("127.0.0.1", proxy.port), timeout=5)
+        try:
+            db = urlsplit(REDIS_URL or "").path.strip("/") or "0"
+            assert command(sock, "SELECT", db) == b"+OK\r\n"  # the database `direct` reads
+            proxy.stall()
+            sock.settimeout(0.3)
+            with pytest.raises(TimeoutError):
+                command(sock, "INCRBY", key, "7")
+            # the server applied it: only the answer is held
+            assert eventually(lambda: direct.get(key) == b"7")
+            proxy.resume()
+            sock.settimeout(5)
+            # the held reply comes first (the GET's may come in the same read)
+            assert command(sock, "GET", key).startswith(b":7\r\n")
+        finally:
+            sock.close()
+            direct.delete(key)
 
 
 def test_a_cut_ends_the_forwarding_threads():

@@ -95,6 +95,16 @@ class Gateway:
         except Exception:
             log.exception("request %s failed", call.request_id)
             return await self.fail(call, internal_error())
+        except asyncio.CancelledError:  # by someone else (a shutdown): no answer, but the
+            # before-call stages had their turn, so on-error gives back what they took
+            # (quota and rate-limit reservations); an answered call is after-call's to settle
+            if call.deployment is not None and call.state.get(_GATEWAY) != _ANSWERED:
+                call.error = ProxyError(503, "The gateway shut down before the answer.",
+                                        type="service_unavailable", code="gateway_shutting_down")
+                call.finished = time.perf_counter()
+                with anyio.CancelScope(shield=True):
+                    await self._quietly("aiproxy_on_error", call=call, error=call.error)
+            raise
 
     async def _answer(self, call: Call) -> Response:
         return await (self._stream(call) if call.stream else self._whole(call))

@@ -3,10 +3,18 @@
 Spend is counted in integer nano-dollars (each call's exact cost rounded to the nearest
 nano-dollar, then summed without float drift). Without Redis the running totals
 live in this process. With Redis, calls add to a local batch that a background task
-flushes every ``flush_interval`` seconds (one pipeline of INCRBY for all tenants, so a
+flushes every ``flush_interval`` seconds (one script adding it for all tenants, so a
 call never waits on Redis); the flush learns the shared total, and the replica whose
-``SET NX`` on the tenant's mark for the period succeeds sends the alert: one alert per
-tenant per period however many replicas there are. An alert is sent off the response
+mark for the tenant and period holds its name sends the alert: one alert per tenant per
+period however many replicas there are (a mark set by an attempt whose answer was lost
+is still this replica's, so that alert is not lost either).
+
+A flush whose answer does not come back (a timeout, a connection reset) may still have
+been applied. Each batch is numbered, and the script applies it only if it is past the
+last number this process had applied (kept in Redis under the process's own random
+name, atomically with the totals); an unanswered batch is sent again as it was, under
+its number, before anything newer. So a batch counts exactly once however often it
+is sent, and spend made meanwhile waits for the next batch. An alert is sent off the response
 path; a failure is logged and counted, never the caller's problem, and is not retried
 later in the period.
 """
@@ -16,6 +24,7 @@ from __future__ import annotations
 import asyncio
 import datetime as dt
 import logging
+import os
 from collections.abc import Callable
 from decimal import Decimal
 from typing import Any
@@ -25,6 +34,35 @@ from aiproxy.builtin.cost.notifiers import Alert, AlertStats, Notifiers
 log = logging.getLogger("aiproxy.cost")
 NANO = Decimal(1_000_000_000)
 MARK_TTL = 62 * 24 * 3600  # seconds: a period's keys outlive it, then go
+
+# KEYS[1]: this process's applied-mark (the number of the last batch it applied); then the
+# spend counters. ARGV: the batch's number, the TTL in seconds, then nano-dollars per counter.
+# Returns each counter's total after the batch (which may have been applied before).
+_ADD = """
+local applied = tonumber(redis.call('GET', KEYS[1]) or '0')
+if tonumber(ARGV[1]) > applied then
+  for i = 2, #KEYS do
+    redis.call('INCRBY', KEYS[i], ARGV[i + 1])
+    redis.call('EXPIRE', KEYS[i], ARGV[2])
+  end
+end
+redis.call('SET', KEYS[1], math.max(applied, tonumber(ARGV[1])), 'EX', ARGV[2])
+local out = {}
+for i = 2, #KEYS do out[i - 1] = redis.call('GET', KEYS[i]) or '0' end
+return out
+"""
+
+# KEYS[1]: a tenant's alerted-mark for the period; ARGV: this process's name, the TTL in seconds.
+# 1: this process holds the mark (set now, or by an earlier try whose answer was lost): it alerts.
+_MARK = """
+local holder = redis.call('GET', KEYS[1])
+if not holder then
+  redis.call('SET', KEYS[1], ARGV[1], 'EX', ARGV[2])
+  return 1
+end
+if holder == ARGV[1] then return 1 end
+return 0
+"""
 
 
 def utcnow() -> dt.datetime:
@@ -48,6 +86,8 @@ class Spend:
         self.flush_interval = flush_interval
         self.prefix = f"{prefix}cost:"
         self.redis: Any = None
+        self._add_script: Any = None
+        self._mark_script: Any = None
         if redis_url:
             from redis.asyncio import Redis
 
@@ -55,8 +95,15 @@ class Spend:
                 self.redis = Redis.from_url(redis_url, socket_connect_timeout=1.0, socket_timeout=1.0)
             except ValueError:  # not a URL redis can use (not logged: it may hold a password)
                 log.warning("cost: redis.url is not a redis:// URL; spend totals stay in process")
+            else:
+                self._add_script = self.redis.register_script(_ADD)
+                self._mark_script = self.redis.register_script(_MARK)
         self.totals: dict[tuple[str, str], int] = {}  # in process: (tenant, period) → nanos
-        self.pending: dict[tuple[str, str], int] = {}  # with Redis: not yet flushed
+        self.pending: dict[tuple[str, str], int] = {}  # with Redis: not yet in a batch
+        self.unacked: tuple[int, dict[tuple[str, str], int]] | None = None  # sent, answer unknown
+        self._numbered = 0  # batches numbered so far
+        self._name = os.urandom(8).hex()  # this process, in the marks it holds in Redis
+        self._applied_mark = f"{self.prefix}applied:{self._name}"
         self.marked: set[tuple[str, str]] = set()  # alerted (here or, with Redis, anywhere)
         self.owed: dict[tuple[str, str], int] = {}  # with Redis: crossed, mark not yet set
         self._period = ""
@@ -113,31 +160,33 @@ class Spend:
 
     async def flush(self) -> None:
         """Add the batch to the shared totals; alert for a tenant that crossed (once)."""
-        if self.redis is None or not (self.pending or self.owed):
+        if self.redis is None or not (self.pending or self.owed or self.unacked):
             return
-        batch, self.pending = self.pending, {}
-        if batch:
+        for _ in range(2):  # a batch left unanswered last time, then the spend since
+            if self.unacked is None:
+                if not self.pending:
+                    break
+                self._numbered += 1
+                self.unacked, self.pending = (self._numbered, self.pending), {}
+            number, batch = self.unacked
             keys = list(batch)
             try:
-                async with self.redis.pipeline(transaction=False) as pipe:
-                    for tenant, period in keys:
-                        name = f"{self.prefix}spend:{period}:{tenant}"
-                        pipe.incrby(name, batch[(tenant, period)])
-                        pipe.expire(name, MARK_TTL)
-                    replies = await pipe.execute()
-            except Exception as exc:  # Redis down: keep the batch for the next flush, lose nothing
-                for key, nanos in batch.items():
-                    self.pending[key] = self.pending.get(key, 0) + nanos
+                replies = await self._add_script(
+                    keys=[self._applied_mark, *(f"{self.prefix}spend:{p}:{t}" for t, p in keys)],
+                    args=[number, MARK_TTL, *batch.values()])
+            except Exception as exc:  # maybe applied: sent again as it is, under its number
                 self._failed(exc)
                 return
-            for i, key in enumerate(keys):
-                total = int(replies[2 * i])
+            if self.unacked is not None and self.unacked[0] == number:
+                self.unacked = None
+            for key, reply in zip(keys, replies, strict=True):
+                total = int(reply)
                 if total >= self.limit and key not in self.marked:
                     self.owed[key] = total
         for (tenant, period), total in list(self.owed.items()):
-            try:  # the replica that sets the mark sends the alert
-                won = await self.redis.set(f"{self.prefix}alerted:{period}:{tenant}", "1",
-                                           nx=True, ex=MARK_TTL)
+            try:  # the replica that holds the mark sends the alert
+                won = await self._mark_script(keys=[f"{self.prefix}alerted:{period}:{tenant}"],
+                                              args=[self._name, MARK_TTL])
             except Exception as exc:  # still owed: the next flush tries again
                 self._failed(exc)
                 return
@@ -165,9 +214,10 @@ class Spend:
             await self._flushing  # never raises: _flush_logged logs
             self._flushing = None
         await self.flush()
-        if self.pending:
+        if self.pending or self.unacked:
             log.warning("cost: Redis unavailable at shutdown; the spend of %d tenant(s) since the last "
-                        "flush is not in the shared totals", len(self.pending))
+                        "flush may not be in the shared totals",
+                        len(set(self.pending) | set(self.unacked[1] if self.unacked else ())))
         if self._tasks:
             _, late = await asyncio.wait(set(self._tasks), timeout=wait)
             for task in late:

@@ -16,6 +16,7 @@ only a loopback-bound gateway allows) get ``limits.anonymous_tier`` (default: no
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import math
 import time
@@ -69,6 +70,7 @@ class Limits:
         self.down_since: float | None = None
         self._reminded = 0.0
         self.counts = {"refused": 0, "backend_errors": 0, "unchecked": 0, "unavailable": 0}
+        self._finishing: set[asyncio.Task[None]] = set()  # cancelled calls' tokens, given back
 
     # ------------------------------------------------------------ which limits
     def rules(self, call: Call) -> list[Rule]:
@@ -160,12 +162,34 @@ class Limits:
             return
         try:
             verdict = await self.remote.take(rules)
+        except asyncio.CancelledError:
+            self._give_back(rules)
+            raise
         except Exception as exc:  # redis errors, OSError, timeouts
             self._failed(exc)
             self._unchecked()
             return
         self._recovered()
         self._decide(call, rules, verdict)
+
+    def _give_back(self, rules: list[Rule]) -> None:
+        """A call cancelled while its take was in flight (a shutdown): nothing will settle it.
+        The take was most likely applied (the time goes in waiting for the answer), so its
+        token estimate is given back, off the cancelled task. Not knowing, this is right
+        when the take was admitted; if it never reached Redis or was refused, the key gets
+        up to one estimate more for under a minute, the mirror of what it lost before."""
+        tokens = [r for r in rules if r.kind == "tokens"]
+        if not tokens or self.remote is None:
+            return
+        task = asyncio.get_running_loop().create_task(
+            self._settle_shared(Held(tokens, tokens[0].cost, [0.0] * len(tokens)), -tokens[0].cost))
+        self._finishing.add(task)
+        task.add_done_callback(self._finishing.discard)
+
+    async def finished(self) -> None:
+        """Wait for the giving back of cancelled calls' tokens (shutdown, tests)."""
+        while self._finishing:
+            await asyncio.gather(*list(self._finishing), return_exceptions=True)
 
     def _decide(self, call: Call, rules: list[Rule], verdict: Verdict) -> None:
         if not verdict.admitted:
@@ -261,6 +285,7 @@ class Limits:
     @hookimpl
     async def aiproxy_shutdown(self) -> None:
         if self.remote is not None:
+            await self.finished()
             await self.remote.aclose()
 
 

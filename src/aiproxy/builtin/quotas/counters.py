@@ -17,10 +17,15 @@ take the same items and answer the same way:
 
 from __future__ import annotations
 
+import os
+from collections.abc import Sequence
 from typing import Any, Protocol
 
 Reserve = tuple[str, float, float, float, float]  # name, limit (<0: none), amount, seed, expires_at
 Add = tuple[str, float, float, float]  # name, amount, seed, expires_at
+#: seconds a process's journal outlives its last write: a write resent later than that
+#: (Redis unreachable for two days) could count twice
+JOURNAL_TTL = 2 * 86400
 
 
 class Counters(Protocol):
@@ -77,60 +82,96 @@ class LocalCounters:
         return None
 
 
-# ARGV[1]: "reserve" or "add"; then four per key: limit (<0: none), amount, seed, ttl in ms.
+# KEYS[1]: this process's journal (a hash of its writes' numbers); then the counters.
+# ARGV: "reserve" or "add"; this write's number (0: not journaled); the number of an earlier
+# reservation whose amounts to use if it was applied (0: none); how many numbers to forget,
+# and those; then five per counter: limit (<0: none), amount, seed, ttl in ms, amount if
+# that reservation was applied. A write whose number is in the journal was applied before
+# (its answer was lost): it changes nothing, and answers as admitted.
 _SCRIPT = """
-local n = #KEYS
+local journal = KEYS[1]
+local forget = tonumber(ARGV[4])
+for i = 1, forget do redis.call('HDEL', journal, ARGV[4 + i]) end
+local write = ARGV[2]
+if write ~= '0' and redis.call('HEXISTS', journal, write) == 1 then return {0} end
+local base = 4 + forget
+local n = #KEYS - 1
 if ARGV[1] == 'reserve' then
   for i = 1, n do
-    local b = 2 + (i - 1) * 4
-    local limit = tonumber(ARGV[b])
+    local b = base + (i - 1) * 5
+    local limit = tonumber(ARGV[b + 1])
     if limit >= 0 then
-      local used = tonumber(redis.call('GET', KEYS[i]) or ARGV[b + 2])
-      if used >= limit or used + tonumber(ARGV[b + 1]) > limit then
+      local used = tonumber(redis.call('GET', KEYS[i + 1]) or ARGV[b + 3])
+      if used >= limit or used + tonumber(ARGV[b + 2]) > limit then
         return {i, tostring(used)}
       end
     end
   end
 end
+local held = false
+if ARGV[3] ~= '0' then
+  held = redis.call('HDEL', journal, ARGV[3]) == 1
+  -- not applied: void its number, so that reservation changes nothing should it still come
+  if not held then redis.call('HSET', journal, ARGV[3], 0) end
+end
 for i = 1, n do
-  local b = 2 + (i - 1) * 4
-  local amount = tonumber(ARGV[b + 1])
-  if redis.call('EXISTS', KEYS[i]) == 0 then
-    if amount ~= 0 or tonumber(ARGV[b + 2]) ~= 0 then
-      redis.call('SET', KEYS[i], ARGV[b + 2], 'PX', ARGV[b + 3])
+  local b = base + (i - 1) * 5
+  local amount = ARGV[b + 2]
+  if held then amount = ARGV[b + 5] end
+  if redis.call('EXISTS', KEYS[i + 1]) == 0 then
+    if tonumber(amount) ~= 0 or tonumber(ARGV[b + 3]) ~= 0 then
+      redis.call('SET', KEYS[i + 1], ARGV[b + 3], 'PX', ARGV[b + 4])
     end
   end
-  if amount ~= 0 then redis.call('INCRBYFLOAT', KEYS[i], ARGV[b + 1]) end
+  if tonumber(amount) ~= 0 then redis.call('INCRBYFLOAT', KEYS[i + 1], amount) end
+end
+if write ~= '0' then
+  redis.call('HSET', journal, write, 1)
+  redis.call('PEXPIRE', journal, JOURNAL_MS)
 end
 return {0}
-"""
+""".replace("JOURNAL_MS", str(JOURNAL_TTL * 1000))
 
 
 class RedisCounters:
-    """Shared by every replica on one Redis; they survive a gateway restart."""
+    """Shared by every replica on one Redis; they survive a gateway restart.
+
+    Each write may carry a number of this process's own (``write``): the script applies it
+    once, recording the number in the process's journal in Redis, so a write whose answer
+    was lost (a timeout, a reset) can be sent again as it was without counting twice. A
+    number is forgotten (``forget``, sent with a later write) once its answer is known.
+    An add may name an earlier reservation (``held``) whose answer was lost: if Redis took
+    it, the add's ``alt`` amounts are used instead (the reservation taken into account);
+    if not, its number is voided, so it changes nothing should it arrive after all.
+    """
 
     remote = True
 
-    def __init__(self, url: str, prefix: str, *, timeout: float = 0.5) -> None:
+    def __init__(self, url: str, prefix: str, *, timeout: float = 0.5, journal: str = "") -> None:
         from redis.asyncio import Redis
 
         self.prefix = prefix
+        self.journal = f"{prefix}journal:{journal or os.urandom(8).hex()}"
         self.redis: Any = Redis.from_url(url, socket_connect_timeout=timeout, socket_timeout=timeout)
         self._script = self.redis.register_script(_SCRIPT)
 
-    async def reserve(self, items: list[Reserve], now: float) -> tuple[int, float] | None:
-        args: list[str] = ["reserve"]
+    async def reserve(self, items: list[Reserve], now: float, *, write: int = 0,
+                      forget: Sequence[int] = ()) -> tuple[int, float] | None:
+        args: list[str | int] = ["reserve", write, 0, len(forget), *forget]
         for _, limit, amount, seed, expires in items:
-            args += [_num(limit), _num(amount), _num(seed), _ttl(expires, now)]
-        got = await self._script(keys=[self.prefix + item[0] for item in items], args=args)
+            n = _num(amount)
+            args += [_num(limit), n, _num(seed), _ttl(expires, now), n]
+        got = await self._script(keys=[self.journal, *(self.prefix + item[0] for item in items)], args=args)
         index = int(got[0])
         return None if index == 0 else (index - 1, float(got[1]))
 
-    async def add(self, items: list[Add], now: float) -> None:
-        args: list[str] = ["add"]
-        for _, amount, seed, expires in items:
-            args += ["-1", _num(amount), _num(seed), _ttl(expires, now)]
-        await self._script(keys=[self.prefix + item[0] for item in items], args=args)
+    async def add(self, items: list[Add], now: float, *, write: int = 0, forget: Sequence[int] = (),
+                  held: int = 0, alt: Sequence[float] | None = None) -> None:
+        args: list[str | int] = ["add", write, held, len(forget), *forget]
+        for i, (_, amount, seed, expires) in enumerate(items):
+            n = _num(amount)
+            args += ["-1", n, _num(seed), _ttl(expires, now), n if alt is None else _num(alt[i])]
+        await self._script(keys=[self.journal, *(self.prefix + item[0] for item in items)], args=args)
 
     async def aclose(self) -> None:
         await self.redis.aclose()

@@ -41,6 +41,14 @@ class Held:
     usd: list[tuple[str, float]]  # counter, expires_at
     key_id: str | None  # the api_keys row its tokens are written back to
     month: str
+    unsure: tuple[int, float] | None = None  # a reservation Redis may have taken: its write, amount
+
+
+@dataclass(frozen=True, slots=True)
+class Unsure:
+    """A reservation sent to Redis whose answer never came: it may or may not be taken."""
+
+    write: int
 
 
 @dataclass(slots=True)
@@ -78,6 +86,11 @@ class Quotas:
         self._task: asyncio.Task[None] | None = None
         self._stop = asyncio.Event()  # ends the periodic task between two ticks, never within one
         self._stopped = False  # shut down: a call ending now is past the last flush
+        self._repaying = False
+        self._writes = 0  # numbers of this process's writes to Redis (its journal there)
+        self._forget: list[int] = []  # writes whose answer came: forgotten with the next write
+        self._unsure: dict[int, tuple[list[Add], int, list[float] | None]] = {}  # write → items,
+        # held, alt: sent with no answer (or waiting to be sent): sent again as they were
         self.backend_errors = 0
         self.refused = 0
         self.lost = 0
@@ -111,13 +124,14 @@ class Quotas:
             await self._task
             self._task = None
         await self.tick()
-        if self._owed:  # one last try, whatever the retry window says
+        if self._owed or self._unsure:  # one last try, whatever the retry window says
             try:
                 await self._repay(self.clock())
             except Exception as exc:
-                self.lost += len(self._owed)
+                lost = len(self._owed) + sum(len(w[0]) for w in self._unsure.values())
+                self.lost += lost
                 log.warning("quotas: %d counter increment(s) could not reach Redis before shutdown (%s) "
-                            "and are lost", len(self._owed), type(exc).__name__)
+                            "and are lost", lost, type(exc).__name__)
         await self.counters.aclose()
         self._stopped = True
 
@@ -128,7 +142,7 @@ class Quotas:
         now = self.clock()
         if isinstance(self.counters, LocalCounters):
             self.counters.sweep(now)
-        elif self._owed and now >= self._down_until:
+        elif (self._owed or self._unsure) and now >= self._down_until:
             try:
                 await self._repay(now)
             except Exception as exc:
@@ -176,6 +190,7 @@ class Quotas:
         if plan.budgets:
             items += [(name, cap, 0.0, 0.0, expires) for name, cap, expires in plan.budgets]
         reserved = 0.0
+        unsure = None
         if items:
             refused = await self._reserve(items, now)
             if isinstance(refused, tuple):
@@ -183,11 +198,13 @@ class Quotas:
                 raise self._refusal(plan.rules, refused, estimate, periods, now)
             if refused is None:
                 reserved = float(estimate)
+            elif isinstance(refused, Unsure):
+                unsure = (refused.write, float(estimate))
         held = [(name, reserved, seed if own else 0.0, expires) for name, _, own, expires in plan.tokens]
         if plan.own is not None:
             held.append((plan.own[0], 0.0, seed, plan.own[1]))
         call.state["quotas"] = Held(held, [(name, expires) for name, _, expires in plan.budgets],
-                                    p.id if plan.write_back else None, month)
+                                    p.id if plan.write_back else None, month, unsure)
 
     def plan(self, p: Principal) -> Plan | None:
         """What the stage does for ``p`` (None: nothing), remembered per caller."""
@@ -262,14 +279,20 @@ class Quotas:
         # a cache hit cost nothing; an answer the upstream sent no usage for has the gateway's
         # estimate; a failure with nothing produced has none
         used = 0 if call.cached or usage is None else usage.total_tokens
-        items: list[Add] = [(name, used - reserved, seed, expires)
-                            for name, reserved, seed, expires in held.tokens if used != reserved]
+        unsure = held.unsure
+        items: list[Add] = [(name, used - reserved, seed, expires) for name, reserved, seed, expires
+                            in held.tokens if used != reserved or unsure is not None]
+        # a reservation whose answer was lost (it held nothing here): if Redis took it after
+        # all, the add comes to what it would have settled (held tokens are all reserved ones)
+        alt = None if unsure is None else [amount - unsure[1] for _, amount, _, _ in items]
         cost = call.cost
         if cost is not None and 0 < cost < math.inf:  # None: no cost stage said; count nothing
             nanos = float(round(cost * NANO))
             items += [(name, nanos, 0.0, expires) for name, expires in held.usd]
+            if alt is not None:
+                alt += [nanos] * len(held.usd)
         if items:
-            await self._add(items, self.clock())
+            await self._add(items, self.clock(), unsure[0] if unsure is not None else 0, alt)
         if held.key_id is not None and self.writer is not None:
             self.writer.add(held.key_id, held.month, used)
             if self._stopped:  # a stream cut at shutdown ends after the last flush: write it now
@@ -279,41 +302,109 @@ class Quotas:
 
     # ------------------------------------------------------------ the backend, failing open or closed
     async def _reserve(self, items: list[Reserve], now: float) -> tuple[int, float] | object | None:
-        if not self.counters.remote:
+        if not isinstance(self.counters, RedisCounters):
             return await self.counters.reserve(items, now)
         if now < self._down_until:
             return self._unavailable(now)
         try:
             await self._repay(now)
-            return await self.counters.reserve(items, now)
-        except Exception as exc:
+        except Exception as exc:  # the reservation was not sent
             self._failed(exc, now)
             return self._unavailable(now)
+        write = self._write()
+        forget, self._forget = self._forget, []
+        try:
+            refused = await self.counters.reserve(items, now, write=write, forget=forget)
+        except asyncio.CancelledError:  # the call is gone, and Redis may have taken it
+            self._forget += forget
+            self._give_back(items, write)
+            raise
+        except Exception as exc:  # Redis may have taken it: its write says, at settle
+            self._forget += forget
+            self._failed(exc, now)
+            if self.settings.fail_open:
+                return Unsure(write)
+            self._give_back(items, write)
+            return self._unavailable(now)
+        self._forget.append(write)
+        return refused
 
-    async def _add(self, items: list[Add], now: float) -> None:
-        if not self.counters.remote:
+    def _give_back(self, items: list[Reserve], write: int) -> None:
+        """Queue the giving back of a reservation that may have been taken, for a call that
+        will not settle (cancelled, or refused 503): sent before the next write, it takes
+        back what the reservation took if Redis took it, and voids it if not."""
+        back: list[Add] = [(name, 0.0, seed, expires) for name, _, amount, seed, expires in items if amount]
+        if back:
+            self._unsure[self._write()] = (back, write, [-amount for _, _, amount, _, _ in items if amount])
+
+    def _write(self) -> int:
+        self._writes += 1
+        return self._writes
+
+    async def _add(self, items: list[Add], now: float, held: int = 0, alt: list[float] | None = None) -> None:
+        if not isinstance(self.counters, RedisCounters):
             await self.counters.add(items, now)
             return
         if now < self._down_until:
-            self._owe(items)
+            self._postpone(items, held, alt)
             return
         try:
             await self._repay(now)
-            await self.counters.add(items, now)
-        except Exception as exc:
+        except Exception as exc:  # this add was not sent
             self._failed(exc, now)
+            self._postpone(items, held, alt)
+            return
+        write = self._write()
+        forget, self._forget = self._forget, []
+        try:
+            await self.counters.add(items, now, write=write, forget=forget, held=held, alt=alt)
+        except BaseException as exc:  # maybe applied: sent again as it is, under its number
+            self._forget += forget
+            self._unsure[write] = (items, held, alt)
+            if not isinstance(exc, Exception):
+                raise
+            self._failed(exc, now)
+            return
+        self._forget.append(write)
+
+    def _postpone(self, items: list[Add], held: int, alt: list[float] | None) -> None:
+        """An add not sent: merged into what is owed, or (naming a reservation) kept as it is."""
+        if not held:
             self._owe(items)
+        elif len(self._unsure) < MAX_OWED:
+            self._unsure[self._write()] = (items, held, alt)
+        else:
+            self.lost += 1
 
     async def _repay(self, now: float) -> None:
-        if not self._owed:
+        """Send the writes whose answer was lost (as they were), then what is owed (numbered)."""
+        # one at a time: a write resent by two calls at once could have its number forgotten
+        # (after the first answer) before the second copy arrives, and count twice
+        if not (self._unsure or self._owed) or self._repaying:
             return
-        owed, self._owed = self._owed, {}
+        assert isinstance(self.counters, RedisCounters)
+        self._repaying = True
+        sent = 0
         try:
-            await self.counters.add([(name, *entry) for name, entry in owed.items()], now)  # type: ignore[misc]
-        except Exception:
-            self._owe([(name, *entry) for name, entry in owed.items()])  # type: ignore[misc]
-            raise
-        log.info("quotas: Redis is back; %d counter(s) caught up", len(owed))
+            while self._unsure or self._owed:
+                if not self._unsure:  # what is owed, frozen as one numbered write
+                    owed, self._owed = self._owed, {}
+                    self._unsure[self._write()] = (
+                        [(name, amount, seed, expires) for name, (amount, seed, expires) in owed.items()],
+                        0, None)
+                for write, (items, held, alt) in list(self._unsure.items()):
+                    forget, self._forget = self._forget, []
+                    try:
+                        await self.counters.add(items, now, write=write, forget=forget, held=held, alt=alt)
+                    except BaseException:
+                        self._forget += forget
+                        raise
+                    self._unsure.pop(write, None)
+                    self._forget.append(write)
+                    sent += len(items)
+        finally:
+            self._repaying = False
+        log.info("quotas: Redis is back; %d counter increment(s) caught up", sent)
 
     def _owe(self, items: list[Add]) -> None:
         for name, amount, seed, expires in items:
