@@ -7,6 +7,7 @@ response. Stages talk only through hooks; the provider is reached through the ro
 from __future__ import annotations
 
 import asyncio
+import itertools
 import logging
 import os
 import time
@@ -43,11 +44,27 @@ WATCH_AFTER = 0.02
 
 
 def request_id(request: Request) -> str:
-    """The client's ``x-request-id`` when it is a sane token, else a new one."""
+    """The client's ``x-request-id`` when it is a sane token, else a new one: 24 hex digits,
+    this process's random 64-bit prefix then a counter (unique without a system call per
+    request; ids are for finding a call in logs, not secrets)."""
     given = request.headers.get("x-request-id")
     if given and len(given) <= 128 and given.isascii() and given.isprintable():
         return given
-    return os.urandom(12).hex()
+    n = next(_ids)
+    if n > 0xFFFFFFFF:
+        _new_prefix()
+        n = next(_ids)
+    return f"{_id_prefix}{n:08x}"
+
+
+def _new_prefix() -> None:
+    global _id_prefix, _ids
+    _id_prefix, _ids = os.urandom(8).hex(), itertools.count()
+
+
+_id_prefix, _ids = "", itertools.count()
+_new_prefix()
+os.register_at_fork(after_in_child=_new_prefix)  # a forked worker never repeats its parent's ids
 
 
 def error_response(exc: ProxyError, rid: str | None = None, egress: Egress | None = None) -> Response:
