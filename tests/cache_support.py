@@ -13,6 +13,7 @@ from typing import Any
 import httpx
 import orjson
 import respx
+from starlette.applications import Starlette
 
 from aiproxy.app import create_app
 from aiproxy.builtin.cache import ResponseCache
@@ -75,6 +76,7 @@ class Gateway:
     embed: respx.Route
     cache: ResponseCache
     clock: FakeClock
+    app: Starlette
 
     async def post(self, body: dict[str, Any], key: str | None = None, path: str = "/v1/chat/completions",
                    **headers: str) -> httpx.Response:
@@ -86,6 +88,16 @@ class Gateway:
 def content(r: httpx.Response) -> str:
     assert r.status_code == 200, r.text
     return str(r.json()["choices"][0]["message"]["content"])
+
+
+def events(r: httpx.Response) -> list[dict[str, Any]]:
+    """The JSON events of an SSE answer."""
+    return [orjson.loads(line[6:]) for line in r.text.splitlines() if line.startswith("data: {")]
+
+
+def streamed_text(r: httpx.Response) -> str:
+    assert r.status_code == 200, r.text
+    return "".join(c["choices"][0]["delta"].get("content") or "" for c in events(r) if c["choices"])
 
 
 @asynccontextmanager
@@ -111,7 +123,7 @@ async def gateway(cfg: Config, **kwargs: Any) -> AsyncIterator[Gateway]:
         clock = FakeClock()
         plugin.clock = clock
         async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://proxy") as http:
-            yield Gateway(http, upstream, chat, embed, plugin, clock)
+            yield Gateway(http, upstream, chat, embed, plugin, clock, app)
 
 
 async def check_tenant_isolation(g: Gateway) -> None:

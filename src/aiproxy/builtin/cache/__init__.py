@@ -24,7 +24,6 @@ from __future__ import annotations
 
 import logging
 import time
-from dataclasses import dataclass
 from typing import Any
 
 import orjson
@@ -32,6 +31,7 @@ from starlette.applications import Starlette
 
 from aiproxy import hookimpl, wire
 from aiproxy.builtin.cache.backends import Clock, MemoryBackend, RedisBackend
+from aiproxy.builtin.cache.flights import AGAIN, UPSTREAM, Flights, Pending
 from aiproxy.builtin.cache.request import (
     TTL_HEADER,
     cache_key,
@@ -43,22 +43,13 @@ from aiproxy.builtin.cache.request import (
 from aiproxy.builtin.cache.settings import CacheSettings, parse_settings
 from aiproxy.call import Call
 from aiproxy.config import Config
+from aiproxy.errors import ProxyError
 from aiproxy.provider import Reply
 
 log = logging.getLogger("aiproxy.cache")
 HEADER = "x-aiproxy-cache"
 _TTL_RAW = TTL_HEADER.encode()
 _ANSWER_FIELD = {"chat": "choices", "completion": "choices", "embedding": "data", "image": "data"}
-
-
-@dataclass(slots=True)
-class _Pending:
-    """What lookup decided, for store: where the answer goes, for how long, and the
-    upstream model the key names (an answer from another one, a fallback's, is not stored)."""
-
-    key: str
-    ttl: float
-    model: str | None
 
 
 class ResponseCache:
@@ -70,6 +61,7 @@ class ResponseCache:
         self.memory = MemoryBackend(s.max_size, s.max_bytes, clock)
         self.redis: RedisBackend | None = None
         self._clock = clock
+        self.flights = Flights()
         self.hits = self.misses = self.skips = self.stores = self.too_big = self.unreadable = 0
 
     @property
@@ -117,7 +109,7 @@ class ResponseCache:
         if key is None or ttl is None:
             self._skip(call)
             return None
-        call.state["cache"] = _Pending(key, ttl, call.upstream_model)
+        pending = call.state["cache"] = Pending(key, ttl, call.upstream_model)
         call.collect = True  # a streamed answer is assembled for store
         if no_cache:
             self._skip(call)
@@ -127,6 +119,12 @@ class ResponseCache:
         if reply is None:
             if raw is not None:  # not an answer (another version's format?): replaced on store
                 self.unreadable += 1
+            if self.settings.single_flight:
+                leader = self.flights.leader(pending)
+                if leader is not None:  # an identical call is on its way upstream: wait for it
+                    shared = await self.flights.follow(pending, leader, self._patience(call))
+                    reply = None if shared is None else _reply(shared)
+        if reply is None:
             self.misses += 1
             call.response_headers[HEADER] = "miss"
             return None
@@ -144,6 +142,18 @@ class ResponseCache:
             return None
         return override or rule.ttl or op_ttl
 
+    def _patience(self, call: Call) -> float:
+        """How long a follower waits for its leader: ``single_flight_wait``, and no longer
+        than its own deployment would wait for an answer (a stream: for its first token)."""
+        wait = self.settings.single_flight_wait
+        deployment = call.deployment
+        if deployment is not None:
+            limits = deployment.limits
+            for own in (limits.first_token if call.stream else None, limits.total, limits.read):
+                if own is not None and own < wait:
+                    wait = own
+        return wait
+
     def _skip(self, call: Call) -> None:
         self.skips += 1
         call.response_headers[HEADER] = "skip"
@@ -151,7 +161,7 @@ class ResponseCache:
     @hookimpl
     def aiproxy_cache_store(self, call: Call, reply: Reply) -> None:
         pending = call.state.get("cache")
-        if not isinstance(pending, _Pending) or call.cached or call.error is not None:
+        if not isinstance(pending, Pending) or call.cached or call.error is not None:
             return
         if call.upstream_model != pending.model:  # served by a fallback: not the key's model
             return
@@ -171,6 +181,21 @@ class ResponseCache:
             self.memory.set(pending.key, raw, pending.ttl)
         else:
             self.redis.set(pending.key, raw, pending.ttl)
+        if pending.lead:
+            self.flights.land(pending, raw)
+
+    @hookimpl
+    def aiproxy_after_call(self, call: Call) -> None:
+        """A leader whose answer was not stored ends its flight here (one that was, in store)."""
+        pending = call.state.get("cache")
+        if pending is not None and pending.lead:
+            self.flights.land(pending, AGAIN if call.metadata.get("client_disconnected") else UPSTREAM)
+
+    @hookimpl
+    def aiproxy_on_error(self, call: Call, error: ProxyError) -> None:
+        pending = call.state.get("cache")
+        if pending is not None and pending.lead:
+            self.flights.land(pending, AGAIN if error.status == 499 else UPSTREAM)
 
     # ------------------------------------------------------------ metrics
     @hookimpl
@@ -182,6 +207,10 @@ class ResponseCache:
             "aiproxy_cache_stores_total": float(self.stores),
             "aiproxy_cache_too_big_total": float(self.too_big),
             "aiproxy_cache_unreadable_total": float(self.unreadable),
+            "aiproxy_cache_flights": float(len(self.flights)),
+            "aiproxy_cache_flight_waits_total": float(self.flights.waits),
+            "aiproxy_cache_flight_shared_total": float(self.flights.shared),
+            "aiproxy_cache_flight_timeouts_total": float(self.flights.timeouts),
         }
         if self.redis is None:
             stats["aiproxy_cache_entries"] = float(len(self.memory))

@@ -1,0 +1,131 @@
+"""Single flight: identical cacheable calls that miss at the same time share one upstream call.
+
+The first miss for a cache key *leads*: it goes upstream as any miss does. A miss for the
+same key while the leader is in flight *follows*: it waits (bounded) for the leader's
+stored answer and is served it as a hit. The key names the tenant, so a call only ever
+follows a call of its own tenant. Per process: with Redis, replicas (and workers) each
+lead their own.
+
+How a leader's flight ends, and what its followers then do:
+
+- its answer is stored: they get it (the bytes, parsed anew by each);
+- it failed, or its answer is not stored (an error, a fallback's answer, a stream cut
+  short or without a finish): each goes upstream itself, as it would have without
+  single flight (one by one after each other's failures would multiply the wait);
+- it left (its client went away, 499; or its task ended without a word, cancelled at
+  shutdown): they contend again, the first to wake leads and the others follow it, with
+  what is left of their patience;
+- it takes longer than a follower's patience: that follower goes upstream and leads the
+  calls that arrive after it (the slow leader still answers those already waiting).
+"""
+
+from __future__ import annotations
+
+import asyncio
+from dataclasses import dataclass
+from functools import partial
+from typing import Any
+
+#: What a flight ends with: the stored answer's bytes, or one of these two.
+UPSTREAM = "upstream"  # no answer for the followers: each goes upstream itself
+AGAIN = "again"  # the leader left before its answer: one follower leads instead
+Outcome = bytes | str
+
+
+@dataclass(slots=True, eq=False)
+class Pending:
+    """What lookup decided, for store: where the answer goes, for how long, and the
+    upstream model the key names (an answer from another one, a fallback's, is not
+    stored). While ``lead``, it is its key's flight, run by ``task``; ``waiters`` exists
+    once a call follows it; ``outcome`` is how it ended, and ``successor`` the call its
+    followers follow next when that was :data:`AGAIN`."""
+
+    key: str
+    ttl: float
+    model: str | None
+    lead: bool = False
+    task: asyncio.Task[Any] | None = None
+    waiters: asyncio.Future[None] | None = None
+    outcome: Outcome | None = None
+    successor: Pending | None = None
+
+
+class Flights:
+    """The leaders in flight in this process, by cache key; counts for metrics."""
+
+    def __init__(self) -> None:
+        self._leaders: dict[str, Pending] = {}
+        self.waits = 0  # misses that followed a leader
+        self.shared = 0  # of those, served the leader's stored answer
+        self.timeouts = 0  # of those, out of patience: went upstream
+
+    def __len__(self) -> int:
+        return len(self._leaders)
+
+    def leader(self, pending: Pending) -> Pending | None:
+        """The call ``pending``'s call should follow; None when it leads (it is made leader)."""
+        leader = self._leaders.get(pending.key)
+        if leader is None:
+            self._lead(pending)
+        return leader
+
+    def _lead(self, pending: Pending) -> None:
+        self._leaders[pending.key] = pending
+        pending.lead = True
+        pending.task = asyncio.current_task()
+
+    async def follow(self, pending: Pending, leader: Pending, patience: float) -> bytes | None:
+        """Wait up to ``patience`` seconds for ``leader``'s stored answer and return it;
+        None when this call must go upstream itself (then it may be the leader now).
+
+        A follower whose client leaves is cancelled here; the flight goes on for the rest.
+        """
+        self.waits += 1
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + patience
+        while True:
+            if leader.outcome is None:
+                waiters = leader.waiters
+                if waiters is None:
+                    waiters = leader.waiters = loop.create_future()
+                    if leader.task is not None:  # a leader cancelled outright lands nothing itself
+                        leader.task.add_done_callback(partial(self._ended, leader))
+                # asyncio.wait, not wait_for: a follower that gives up must not cancel the future
+                await asyncio.wait((waiters,), timeout=max(0.0, deadline - loop.time()))
+            outcome = leader.outcome
+            if outcome is None:
+                self.timeouts += 1
+                if self._leaders.get(pending.key) is leader:  # later arrivals follow this call
+                    self._lead(pending)
+                return None
+            if isinstance(outcome, bytes):
+                self.shared += 1
+                return outcome
+            if outcome != AGAIN:
+                return None
+            # the first follower to wake leads (or follows a call that arrived since); the
+            # rest follow that one, even if it has already landed by the time they wake
+            successor = leader.successor
+            if successor is None:
+                successor = leader.successor = self._leaders.get(pending.key)
+                if successor is None:
+                    self._lead(pending)
+                    leader.successor = pending
+                    return None
+            leader = successor
+
+    def land(self, pending: Pending, outcome: Outcome) -> None:
+        """End ``pending``'s flight: its followers get ``outcome``."""
+        pending.lead = False
+        pending.outcome = outcome
+        if self._leaders.get(pending.key) is pending:
+            del self._leaders[pending.key]
+        waiters = pending.waiters
+        if waiters is not None and not waiters.done():
+            waiters.set_result(None)
+
+    def _ended(self, pending: Pending, task: asyncio.Task[Any]) -> None:
+        """A followed leader's task is done: if it still leads, it was cancelled before its
+        call ended (after-call and on-error end every other way out)."""
+        if pending.lead:
+            self.land(pending, AGAIN)

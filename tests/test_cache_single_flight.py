@@ -1,0 +1,278 @@
+"""Single flight: identical cacheable misses at the same time share one upstream call.
+
+The fake upstream holds chosen calls until the test lets them go, so the others arrive
+while the first is in flight; every call is numbered ("answer n"), so a shared answer is
+told from a second upstream call.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import Callable, Iterable
+from typing import Any
+
+import httpx
+import orjson
+import pytest
+from starlette.applications import Starlette
+
+from tests.cache_support import (
+    DET,
+    KEYS,
+    Gateway,
+    auth,
+    chat_answer,
+    chat_stream,
+    config,
+    content,
+    gateway,
+    streamed_text,
+)
+from tests.conftest import make_config
+
+N = 12  # identical requests at once
+
+
+class Upstream:
+    """The chat route's answers: call n says "answer n" (streamed when asked); the calls in
+    ``hold`` wait for :attr:`gate`, those in ``fail`` answer 500, those in ``cut`` stream
+    without ever finishing."""
+
+    def __init__(self, hold: Iterable[int] = (1,), fail: Iterable[int] = (), cut: Iterable[int] = ()) -> None:
+        self.gate = asyncio.Event()
+        self.calls = 0
+        self.hold, self.fail, self.cut = set(hold), set(fail), set(cut)
+        self.cancelled = 0
+
+    async def __call__(self, request: httpx.Request) -> httpx.Response:
+        self.calls += 1
+        n = self.calls
+        if n in self.hold:
+            try:
+                await self.gate.wait()
+            except asyncio.CancelledError:
+                self.cancelled += 1
+                raise
+        if n in self.fail:
+            return httpx.Response(500, json={"error": {"message": "upstream broke", "type": "server_error"}})
+        if b'"stream":true' in request.content:
+            body = chat_stream(f"streamed answer {n}")
+            if n in self.cut:  # the body just stops: no finish_reason, no [DONE]
+                body = body.split(b'"finish_reason":"stop"')[0].rsplit(b"data: ", 1)[0]
+            return httpx.Response(200, content=body, headers={"content-type": "text/event-stream"})
+        return httpx.Response(200, json=chat_answer(f"answer {n}"))
+
+
+async def until(ready: Callable[[], bool], within: float = 5.0) -> None:
+    deadline = time.monotonic() + within
+    while not ready():
+        assert time.monotonic() < deadline, "timed out waiting for the calls to line up"
+        await asyncio.sleep(0.002)
+
+
+def start(g: Gateway, body: dict[str, Any], key: str | None = "a1") -> asyncio.Task[httpx.Response]:
+    return asyncio.ensure_future(g.http.post("/v1/chat/completions", json=body, headers=auth(key)))
+
+
+Calls = list[asyncio.Task[httpx.Response]]
+
+
+async def lined_up(g: Gateway, up: Upstream, body: dict[str, Any], followers: int,
+                   key: str | None = "a1") -> tuple[asyncio.Task[httpx.Response], Calls]:
+    """A leader held upstream, then ``followers`` identical calls waiting for it."""
+    leader = start(g, body, key)
+    await until(lambda: up.calls == 1)
+    rest = [start(g, body, key) for _ in range(followers)]
+    await until(lambda: g.cache.flights.waits == followers)
+    return leader, rest
+
+
+async def test_concurrent_identical_misses_share_one_upstream_call() -> None:
+    async with gateway(config()) as g:
+        g.chat.side_effect = up = Upstream()
+        calls = [start(g, DET) for _ in range(N)]
+        await until(lambda: up.calls == 1 and g.cache.flights.waits == N - 1)
+        assert up.calls == 1  # the others wait, they do not call
+        up.gate.set()
+        answers = await asyncio.gather(*calls)
+        assert g.chat.call_count == 1
+        assert {content(r) for r in answers} == {"answer 1"}
+        assert sorted(r.headers["x-aiproxy-cache"] for r in answers) == ["hit"] * (N - 1) + ["miss"]
+        assert len({r.json()["id"] for r in answers}) == N  # each answer its own id, as a hit has
+        for r in answers:  # the followers are hits: the stored usage, priced as a hit is
+            assert r.json()["usage"] == {"prompt_tokens": 5, "completion_tokens": 2, "total_tokens": 7}
+        stats = g.cache.aiproxy_stats()
+        assert stats["aiproxy_cache_hits_total"] == N - 1 and stats["aiproxy_cache_misses_total"] == 1
+        assert stats["aiproxy_cache_flight_shared_total"] == N - 1 and stats["aiproxy_cache_flights"] == 0
+        later = await g.post(DET, "a2")  # and it is stored, as any answer is
+        assert content(later) == "answer 1" and later.headers["x-aiproxy-cache"] == "hit"
+
+
+async def test_single_flight_false_lets_every_miss_call_the_upstream() -> None:
+    async with gateway(config({"single_flight": False})) as g:
+        g.chat.side_effect = up = Upstream(hold=range(1, N + 1))
+        calls = [start(g, DET) for _ in range(N)]
+        await until(lambda: up.calls == N)
+        up.gate.set()
+        answers = await asyncio.gather(*calls)
+        assert sorted(content(r) for r in answers) == sorted(f"answer {n}" for n in range(1, N + 1))
+        assert {r.headers["x-aiproxy-cache"] for r in answers} == {"miss"}
+
+
+async def test_tenants_never_share_a_flight() -> None:
+    """Keys of one tenant share one call; another tenant, a key of no tenant, and anonymous
+    callers each make their own."""
+    async with gateway(config()) as g:
+        g.chat.side_effect = up = Upstream(hold=range(1, 6))
+        names = ["a1", "a2", "b1", "solo1", "solo2", None] * 3
+        calls = [start(g, DET, name) for name in names]
+        await until(lambda: up.calls == 5)  # tenant-a, tenant-b, solo1, solo2, anonymous
+        await until(lambda: g.cache.flights.waits == len(names) - 5)
+        up.gate.set()
+        got: dict[str | None, set[str]] = {}
+        for name, r in zip(names, await asyncio.gather(*calls), strict=True):
+            got.setdefault(KEYS[name][1] or name if name else None, set()).add(content(r))
+        assert g.chat.call_count == 5
+        assert all(len(answers) == 1 for answers in got.values()), got  # one answer per scope
+        assert len(set().union(*got.values())) == 5, got  # and no scope got another's
+
+
+@pytest.mark.parametrize("stream", [False, True])
+async def test_a_leader_that_fails_leaves_its_followers_to_call_upstream_themselves(stream: bool) -> None:
+    async with gateway(config()) as g:
+        g.chat.side_effect = up = Upstream(fail=[1])
+        body = {**DET, "stream": stream}
+        leader, followers = await lined_up(g, up, body, N - 1)
+        up.gate.set()
+        assert (await leader).status_code >= 500
+        answers = await asyncio.gather(*followers)
+        read = streamed_text if stream else content
+        # each went upstream itself, at once (not one after another's failure)
+        assert sorted(read(r) for r in answers) == \
+            sorted(f"{'streamed answer' if stream else 'answer'} {n}" for n in range(2, N + 1))
+        assert {r.headers["x-aiproxy-cache"] for r in answers} == {"miss"}
+        assert g.chat.call_count == N and g.cache.aiproxy_stats()["aiproxy_cache_flights"] == 0
+
+
+async def test_a_stream_cut_short_is_not_shared_its_followers_call_upstream_themselves() -> None:
+    async with gateway(config()) as g:
+        g.chat.side_effect = up = Upstream(cut=[1])
+        body = {**DET, "stream": True}
+        leader, followers = await lined_up(g, up, body, 3)
+        up.gate.set()
+        assert streamed_text(await leader) == "streamed answer 1"  # the client got what came
+        answers = await asyncio.gather(*followers)
+        assert sorted(streamed_text(r) for r in answers) == [f"streamed answer {n}" for n in (2, 3, 4)]
+        assert g.chat.call_count == 4
+
+
+async def test_a_streaming_leader_answers_streaming_and_whole_followers() -> None:
+    async with gateway(config()) as g:
+        g.chat.side_effect = up = Upstream()
+        stream = {**DET, "stream": True, "stream_options": {"include_usage": True}}
+        leader, streams = await lined_up(g, up, stream, 4)
+        wholes = [start(g, DET, "a2") for _ in range(4)]
+        await until(lambda: g.cache.flights.waits == 8)
+        up.gate.set()
+        assert streamed_text(await leader) == "streamed answer 1"
+        for r in await asyncio.gather(*streams):
+            assert r.headers["x-aiproxy-cache"] == "hit"
+            assert r.headers["content-type"].startswith("text/event-stream")
+            assert streamed_text(r) == "streamed answer 1"
+        for r in await asyncio.gather(*wholes):
+            assert r.headers["x-aiproxy-cache"] == "hit"
+            assert content(r) == "streamed answer 1" and r.json()["usage"]["total_tokens"] == 8
+        assert g.chat.call_count == 1
+
+
+async def test_a_leader_cancelled_outright_hands_the_flight_to_one_follower() -> None:
+    async with gateway(config()) as g:
+        g.chat.side_effect = up = Upstream()
+        leader, followers = await lined_up(g, up, DET, N - 1)
+        leader.cancel()  # as at shutdown: no 499, no after-call, the task just ends
+        answers = await asyncio.gather(*followers)
+        assert up.cancelled == 1
+        assert {content(r) for r in answers} == {"answer 2"}  # one new leader; the rest its hits
+        assert sorted(r.headers["x-aiproxy-cache"] for r in answers) == ["hit"] * (N - 2) + ["miss"]
+        assert up.calls == 2
+
+
+async def test_a_leader_whose_client_leaves_hands_the_flight_to_one_follower() -> None:
+    async with gateway(config()) as g:
+        g.chat.side_effect = up = Upstream()
+        leave = asyncio.Event()
+        leader = asyncio.ensure_future(_post_then_leave(g.app, DET, auth("a1"), leave))
+        await until(lambda: up.calls == 1)
+        followers = [start(g, DET, "a2") for _ in range(N - 1)]
+        await until(lambda: g.cache.flights.waits == N - 1)
+        leave.set()
+        assert await leader == 499
+        answers = await asyncio.gather(*followers)
+        assert up.cancelled == 1  # the leader's upstream call was cut: nobody waits for it now
+        assert {content(r) for r in answers} == {"answer 2"}
+        assert up.calls == 2
+
+
+async def test_a_follower_waits_no_longer_than_single_flight_wait() -> None:
+    async with gateway(config({"single_flight_wait": 0.2})) as g:
+        g.chat.side_effect = up = Upstream()
+        leader, followers = await lined_up(g, up, DET, 3)
+        began = time.monotonic()
+        answers = await asyncio.gather(*followers)
+        took = time.monotonic() - began
+        assert 0.15 < took < 1.5, took
+        assert sorted(content(r) for r in answers) == ["answer 2", "answer 3", "answer 4"]
+        assert g.cache.aiproxy_stats()["aiproxy_cache_flight_timeouts_total"] == 3
+        # a call arriving now follows one of those, not the stuck first one
+        late = start(g, DET)
+        await until(lambda: g.cache.flights.waits == 4 or late.done())
+        assert content(await late) in {"answer 2", "answer 3", "answer 4", "answer 5"}
+        up.gate.set()
+        assert content(await leader) == "answer 1"
+
+
+async def test_a_follower_waits_no_longer_than_its_own_timeout() -> None:
+    """A stream's own first-token timeout bounds its wait (whole calls do not have one)."""
+    models = [{"name": "gpt-test", "provider": "openai", "model": "gpt-4o-mini",
+               "timeout": {"first_token": 0.2}}]
+    cfg = make_config(keys={"declared": [{"name": "a1", "key": KEYS["a1"][0], "tenant": "tenant-a"}]},
+                      models=models)
+    async with gateway(cfg) as g:
+        g.chat.side_effect = up = Upstream()
+        leader, [whole] = await lined_up(g, up, DET, 1)
+        began = time.monotonic()
+        stream = await start(g, {**DET, "stream": True})
+        assert 0.15 < time.monotonic() - began < 1.5
+        assert streamed_text(stream) == "streamed answer 2"
+        assert not whole.done()  # the whole call has no such bound: it still waits (60 s)
+        up.gate.set()
+        assert content(await leader) == content(await whole) == "answer 1"
+
+
+async def _post_then_leave(app: Starlette, body: dict[str, Any], headers: dict[str, str],
+                           leave: asyncio.Event) -> int:
+    """POST to the app as a server would, the client disconnecting when ``leave`` is set;
+    the status the app answered."""
+    raw = orjson.dumps(body)
+    scope = {"type": "http", "asgi": {"version": "3.0", "spec_version": "2.3"}, "http_version": "1.1",
+             "method": "POST", "scheme": "http", "path": "/v1/chat/completions",
+             "raw_path": b"/v1/chat/completions", "query_string": b"", "root_path": "",
+             "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(raw)).encode()),
+                         *((k.encode(), v.encode()) for k, v in headers.items())],
+             "server": ("127.0.0.1", 8000), "client": ("127.0.0.1", 5000), "state": {}}
+    messages = iter([{"type": "http.request", "body": raw, "more_body": False}])
+    sent: list[dict[str, Any]] = []
+
+    async def receive() -> dict[str, Any]:
+        message = next(messages, None)
+        if message is not None:
+            return message
+        await leave.wait()
+        return {"type": "http.disconnect"}
+
+    async def send(message: dict[str, Any]) -> None:
+        sent.append(message)
+
+    await asyncio.wait_for(app(scope, receive, send), timeout=5)
+    return int(sent[0]["status"])
