@@ -1,11 +1,14 @@
 """An in-process gateway for the cache tests: declared keys of two tenants (and keys of
 none), a fake OpenAI upstream (respx) whose every answer is new ("answer 1", "answer 2",
-…) so a hit is told from a second upstream call, and the cache plugin at hand."""
+…) so a hit is told from a second upstream call, and the cache plugin at hand; for the
+single-flight tests, an upstream that holds calls until told (:class:`Upstream`)."""
 
 from __future__ import annotations
 
+import asyncio
 import itertools
-from collections.abc import AsyncIterator
+import time
+from collections.abc import AsyncIterator, Callable, Iterable
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from typing import Any
@@ -145,3 +148,44 @@ async def check_tenant_isolation(g: Gateway) -> None:
     assert [content(await g.post(DET, k)) for k in ("solo1", "solo2", None)] == \
         ["answer 3", "answer 4", "answer 5"]
     assert g.chat.call_count == 5
+
+
+class Upstream:
+    """The chat route's answers: call n says "answer n" (streamed when asked); the calls in
+    ``hold`` wait for :attr:`gate`, those in ``fail`` answer 500, those in ``cut`` stream
+    without ever finishing."""
+
+    def __init__(self, hold: Iterable[int] = (1,), fail: Iterable[int] = (), cut: Iterable[int] = ()) -> None:
+        self.gate = asyncio.Event()
+        self.calls = 0
+        self.hold, self.fail, self.cut = set(hold), set(fail), set(cut)
+        self.cancelled = 0
+
+    async def __call__(self, request: httpx.Request) -> httpx.Response:
+        self.calls += 1
+        n = self.calls
+        if n in self.hold:
+            try:
+                await self.gate.wait()
+            except asyncio.CancelledError:
+                self.cancelled += 1
+                raise
+        if n in self.fail:
+            return httpx.Response(500, json={"error": {"message": "upstream broke", "type": "server_error"}})
+        if b'"stream":true' in request.content:
+            body = chat_stream(f"streamed answer {n}")
+            if n in self.cut:  # the body just stops: no finish_reason, no [DONE]
+                body = body.split(b'"finish_reason":"stop"')[0].rsplit(b"data: ", 1)[0]
+            return httpx.Response(200, content=body, headers={"content-type": "text/event-stream"})
+        return httpx.Response(200, json=chat_answer(f"answer {n}"))
+
+
+async def until(ready: Callable[[], bool], within: float = 5.0) -> None:
+    deadline = time.monotonic() + within
+    while not ready():
+        assert time.monotonic() < deadline, "timed out waiting for the calls to line up"
+        await asyncio.sleep(0.002)
+
+
+def start(g: Gateway, body: dict[str, Any], key: str | None = "a1") -> asyncio.Task[httpx.Response]:
+    return asyncio.ensure_future(g.http.post("/v1/chat/completions", json=body, headers=auth(key)))

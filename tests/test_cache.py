@@ -276,6 +276,9 @@ async def test_disabled_the_cache_answers_nothing_and_says_nothing() -> None:
     ({"models": {"gpt-*": {"sampled": "maybe"}}}, "cache.models.gpt-*.sampled: expected true or false"),
     ({"models": {"gpt-*": {"ttl": 5}}}, "cache.models.gpt-*.ttl: unknown setting"),
     ({"tll_seconds": 5}, "cache.tll_seconds: unknown setting"),
+    ({"single_flight": "maybe"}, "cache.single_flight: expected true or false, got 'maybe'"),
+    ({"single_flight_wait": 0}, "cache.single_flight_wait: must be more than 0"),
+    ({"single_flight_wait": "a minute"}, "cache.single_flight_wait: expected a number of seconds"),
 ])
 def test_a_bad_cache_section_stops_start_up_naming_the_setting(cache: dict[str, Any], message: str) -> None:
     with pytest.raises(ConfigError) as info:

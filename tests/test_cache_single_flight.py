@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import Callable, Iterable
 from typing import Any
 
 import httpx
@@ -21,60 +20,18 @@ from tests.cache_support import (
     DET,
     KEYS,
     Gateway,
+    Upstream,
     auth,
-    chat_answer,
-    chat_stream,
     config,
     content,
     gateway,
+    start,
     streamed_text,
+    until,
 )
 from tests.conftest import make_config
 
 N = 12  # identical requests at once
-
-
-class Upstream:
-    """The chat route's answers: call n says "answer n" (streamed when asked); the calls in
-    ``hold`` wait for :attr:`gate`, those in ``fail`` answer 500, those in ``cut`` stream
-    without ever finishing."""
-
-    def __init__(self, hold: Iterable[int] = (1,), fail: Iterable[int] = (), cut: Iterable[int] = ()) -> None:
-        self.gate = asyncio.Event()
-        self.calls = 0
-        self.hold, self.fail, self.cut = set(hold), set(fail), set(cut)
-        self.cancelled = 0
-
-    async def __call__(self, request: httpx.Request) -> httpx.Response:
-        self.calls += 1
-        n = self.calls
-        if n in self.hold:
-            try:
-                await self.gate.wait()
-            except asyncio.CancelledError:
-                self.cancelled += 1
-                raise
-        if n in self.fail:
-            return httpx.Response(500, json={"error": {"message": "upstream broke", "type": "server_error"}})
-        if b'"stream":true' in request.content:
-            body = chat_stream(f"streamed answer {n}")
-            if n in self.cut:  # the body just stops: no finish_reason, no [DONE]
-                body = body.split(b'"finish_reason":"stop"')[0].rsplit(b"data: ", 1)[0]
-            return httpx.Response(200, content=body, headers={"content-type": "text/event-stream"})
-        return httpx.Response(200, json=chat_answer(f"answer {n}"))
-
-
-async def until(ready: Callable[[], bool], within: float = 5.0) -> None:
-    deadline = time.monotonic() + within
-    while not ready():
-        assert time.monotonic() < deadline, "timed out waiting for the calls to line up"
-        await asyncio.sleep(0.002)
-
-
-def start(g: Gateway, body: dict[str, Any], key: str | None = "a1") -> asyncio.Task[httpx.Response]:
-    return asyncio.ensure_future(g.http.post("/v1/chat/completions", json=body, headers=auth(key)))
-
-
 Calls = list[asyncio.Task[httpx.Response]]
 
 
