@@ -143,16 +143,43 @@ async def test_a_streaming_leader_answers_streaming_and_whole_followers() -> Non
         assert g.chat.call_count == 1
 
 
-async def test_a_leader_cancelled_outright_hands_the_flight_to_one_follower() -> None:
+async def test_a_streaming_leader_cancelled_outright_hands_the_flight_to_one_follower() -> None:
     async with gateway(config()) as g:
         g.chat.side_effect = up = Upstream()
-        leader, followers = await lined_up(g, up, DET, N - 1)
-        leader.cancel()  # as at shutdown: no 499, no after-call, the task just ends
+        leader, followers = await lined_up(g, up, {**DET, "stream": True}, N - 1)
+        leader.cancel()  # as at shutdown: no 499, no on-error, the task just ends
         answers = await asyncio.gather(*followers)
         assert up.cancelled == 1
-        assert {content(r) for r in answers} == {"answer 2"}  # one new leader; the rest its hits
+        # one new leader; the rest its hits
+        assert {streamed_text(r) for r in answers} == {"streamed answer 2"}
         assert sorted(r.headers["x-aiproxy-cache"] for r in answers) == ["hit"] * (N - 2) + ["miss"]
         assert up.calls == 2
+
+
+async def test_a_whole_leader_cancelled_outright_is_waited_for_no_longer_than_patience() -> None:
+    async with gateway(config({"single_flight_wait": 0.2})) as g:
+        g.chat.side_effect = up = Upstream()
+        leader, followers = await lined_up(g, up, DET, 3)
+        leader.cancel()  # says nothing (no on-error): its followers' patience bounds the wait
+        began = time.monotonic()
+        answers = await asyncio.gather(*followers)
+        assert time.monotonic() - began < 1.5
+        assert sorted(content(r) for r in answers) == ["answer 2", "answer 3", "answer 4"]
+        assert g.cache.aiproxy_stats()["aiproxy_cache_flights"] == 0
+
+
+async def test_a_stream_not_stored_does_not_hold_up_the_next_call_of_its_task() -> None:
+    """In one task (an in-process client), a streaming leader that ended with neither store
+    nor on-error is over once the next call of that task comes: that one does not wait."""
+    async with gateway(config()) as g:
+        g.chat.side_effect = Upstream(hold=(), cut=[1])
+        assert streamed_text(await g.post({**DET, "stream": True})) == "streamed answer 1"
+        began = time.monotonic()
+        r = await g.post(DET)
+        assert content(r) == "answer 2" and r.headers["x-aiproxy-cache"] == "miss"
+        assert time.monotonic() - began < 1.5
+        assert content(await g.post(DET)) == "answer 2"  # which leads, and is stored
+        assert g.cache.aiproxy_stats()["aiproxy_cache_flights"] == 0
 
 
 async def test_a_leader_whose_client_leaves_hands_the_flight_to_one_follower() -> None:

@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import logging
 import time
+from functools import partial
 from typing import Any
 
 import orjson
@@ -31,7 +32,7 @@ from starlette.applications import Starlette
 
 from aiproxy import hookimpl, wire
 from aiproxy.builtin.cache.backends import Clock, MemoryBackend, RedisBackend
-from aiproxy.builtin.cache.flights import AGAIN, UPSTREAM, Flights, Pending
+from aiproxy.builtin.cache.flights import AGAIN, UPSTREAM, Flights, Outcome, Pending
 from aiproxy.builtin.cache.request import (
     TTL_HEADER,
     cache_key,
@@ -124,6 +125,9 @@ class ResponseCache:
                 if leader is not None:  # an identical call is on its way upstream: wait for it
                     shared = await self.flights.follow(pending, leader, self._patience(call))
                     reply = None if shared is None else _reply(shared)
+                if reply is None and pending.lead and call.stream:
+                    # a leading stream may end with neither store nor on-error: watch its end
+                    self.flights.watch(pending, partial(_left_off, call))
         if reply is None:
             self.misses += 1
             call.response_headers[HEADER] = "miss"
@@ -160,14 +164,21 @@ class ResponseCache:
 
     @hookimpl
     def aiproxy_cache_store(self, call: Call, reply: Reply) -> None:
+        """Store the answer; a leader's followers get it, or (not stored) go upstream."""
         pending = call.state.get("cache")
         if not isinstance(pending, Pending) or call.cached or call.error is not None:
             return
+        raw = self._store(call, reply, pending)
+        if pending.lead:
+            self.flights.land(pending, UPSTREAM if raw is None else raw)
+
+    def _store(self, call: Call, reply: Reply, pending: Pending) -> bytes | None:
+        """The answer's bytes as stored; None when it is not."""
         if call.upstream_model != pending.model:  # served by a fallback: not the key's model
-            return
+            return None
         data = reply.data
         if not data.get(_ANSWER_FIELD.get(call.operation, "choices")):
-            return  # nothing worth replaying (an upstream's empty answer)
+            return None  # nothing worth replaying (an upstream's empty answer)
         if "usage" not in data and call.usage is not None:
             data = {**data, "usage": call.usage.to_openai()}  # a hit must carry usage
             raw = orjson.dumps(data)
@@ -175,24 +186,19 @@ class ResponseCache:
             raw = reply.raw if reply.raw is not None else orjson.dumps(data)
         if len(raw) > self.settings.max_entry_bytes:
             self.too_big += 1
-            return
+            return None
         self.stores += 1
         if self.redis is None:
             self.memory.set(pending.key, raw, pending.ttl)
         else:
             self.redis.set(pending.key, raw, pending.ttl)
-        if pending.lead:
-            self.flights.land(pending, raw)
-
-    @hookimpl
-    def aiproxy_after_call(self, call: Call) -> None:
-        """A leader whose answer was not stored ends its flight here (one that was, in store)."""
-        pending = call.state.get("cache")
-        if pending is not None and pending.lead:
-            self.flights.land(pending, AGAIN if call.metadata.get("client_disconnected") else UPSTREAM)
+        return raw
 
     @hookimpl
     def aiproxy_on_error(self, call: Call, error: ProxyError) -> None:
+        """A leader that failed: its followers go upstream; one whose client left (499)
+        hands the flight on. (Not after-call: a leader's whole answer always reaches store,
+        and a stream's end is watched, so calls that lead nothing pay no extra hook.)"""
         pending = call.state.get("cache")
         if pending is not None and pending.lead:
             self.flights.land(pending, AGAIN if error.status == 499 else UPSTREAM)
@@ -220,6 +226,15 @@ class ResponseCache:
             stats["aiproxy_cache_backend_errors_total"] = float(self.redis.errors)
             stats["aiproxy_cache_writes_dropped_total"] = float(self.redis.dropped)
         return stats
+
+
+def _left_off(call: Call) -> Outcome:
+    """How a streaming leader whose task ended without store or on-error left its flight:
+    its client went away, or it was cancelled before its end (AGAIN: a follower takes
+    over), or its answer was not one to store (no finish, nothing assembled)."""
+    if call.finished is None or call.metadata.get("client_disconnected"):
+        return AGAIN
+    return UPSTREAM
 
 
 def _asked(call: Call) -> tuple[str | None, str | None]:

@@ -6,22 +6,27 @@ stored answer and is served it as a hit. The key names the tenant, so a call onl
 follows a call of its own tenant. Per process: with Redis, replicas (and workers) each
 lead their own.
 
-How a leader's flight ends, and what its followers then do:
+How a leader's flight ends (cache-store lands it, on-error when it failed, and for a
+stream the end of its task, which may come with neither), and what its followers do:
 
 - its answer is stored: they get it (the bytes, parsed anew by each);
 - it failed, or its answer is not stored (an error, a fallback's answer, a stream cut
   short or without a finish): each goes upstream itself, as it would have without
   single flight (one by one after each other's failures would multiply the wait);
-- it left (its client went away, 499; or its task ended without a word, cancelled at
-  shutdown): they contend again, the first to wake leads and the others follow it, with
-  what is left of their patience;
-- it takes longer than a follower's patience: that follower goes upstream and leads the
-  calls that arrive after it (the slow leader still answers those already waiting).
+- it left (its client went away, 499; a stream's task cancelled outright): they contend
+  again, the first to wake leads and the others follow it, with what is left of their
+  patience;
+- it takes longer than a follower's patience (a whole answer's leader cancelled outright,
+  at shutdown, says nothing and ends up here too): that follower goes upstream and leads
+  the calls that arrive after it (the slow leader still answers those already waiting).
+
+A miss that leads costs one dict operation and one more when it lands; a hit, nothing.
 """
 
 from __future__ import annotations
 
 import asyncio
+from collections.abc import Callable
 from dataclasses import dataclass
 from functools import partial
 from typing import Any
@@ -63,16 +68,27 @@ class Flights:
         return len(self._leaders)
 
     def leader(self, pending: Pending) -> Pending | None:
-        """The call ``pending``'s call should follow; None when it leads (it is made leader)."""
-        leader = self._leaders.get(pending.key)
-        if leader is None:
-            self._lead(pending)
+        """The call ``pending``'s call should follow; None when it leads (it is made leader).
+
+        One dict operation: this is every miss's cost when nothing else is in flight."""
+        leader = self._leaders.setdefault(pending.key, pending)
+        if leader is pending:
+            pending.lead = True
+            return None
         return leader
 
     def _lead(self, pending: Pending) -> None:
         self._leaders[pending.key] = pending
         pending.lead = True
-        pending.task = asyncio.current_task()
+
+    def watch(self, pending: Pending, how: Callable[[], Outcome]) -> None:
+        """Land leader ``pending`` with ``how()`` when its task ends, unless it landed before
+        (a stream can end without reaching store or on-error: cut by its client, or not
+        worth storing). A request is one task (uvicorn, hypercorn, Starlette's routes)."""
+        task = asyncio.current_task()
+        if task is not None:
+            pending.task = task
+            task.add_done_callback(partial(self._ended, pending, how))
 
     async def follow(self, pending: Pending, leader: Pending, patience: float) -> bytes | None:
         """Wait up to ``patience`` seconds for ``leader``'s stored answer and return it;
@@ -80,6 +96,9 @@ class Flights:
 
         A follower whose client leaves is cancelled here; the flight goes on for the rest.
         """
+        if leader.task is not None and leader.task is asyncio.current_task():
+            self._lead(pending)  # an earlier call of this same task, so over: it left no word
+            return None
         self.waits += 1
         loop = asyncio.get_running_loop()
         deadline = loop.time() + patience
@@ -88,8 +107,6 @@ class Flights:
                 waiters = leader.waiters
                 if waiters is None:
                     waiters = leader.waiters = loop.create_future()
-                    if leader.task is not None:  # a leader cancelled outright lands nothing itself
-                        leader.task.add_done_callback(partial(self._ended, leader))
                 # asyncio.wait, not wait_for: a follower that gives up must not cancel the future
                 await asyncio.wait((waiters,), timeout=max(0.0, deadline - loop.time()))
             outcome = leader.outcome
@@ -118,14 +135,13 @@ class Flights:
         """End ``pending``'s flight: its followers get ``outcome``."""
         pending.lead = False
         pending.outcome = outcome
-        if self._leaders.get(pending.key) is pending:
-            del self._leaders[pending.key]
+        current = self._leaders.pop(pending.key, None)
+        if current is not pending and current is not None:  # a follower took over: it stays
+            self._leaders[pending.key] = current
         waiters = pending.waiters
         if waiters is not None and not waiters.done():
             waiters.set_result(None)
 
-    def _ended(self, pending: Pending, task: asyncio.Task[Any]) -> None:
-        """A followed leader's task is done: if it still leads, it was cancelled before its
-        call ended (after-call and on-error end every other way out)."""
+    def _ended(self, pending: Pending, how: Callable[[], Outcome], task: asyncio.Task[Any]) -> None:
         if pending.lead:
-            self.land(pending, AGAIN)
+            self.land(pending, how())
