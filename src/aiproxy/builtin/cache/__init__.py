@@ -14,6 +14,10 @@
   ``no-store`` does neither. Every answer says ``x-aiproxy-cache: hit|miss|skip``.
 - **Backends**: in process (LRU, ``max_size`` entries, ``max_bytes``), or Redis when
   ``redis.url`` is set; a Redis failure is a miss, never a failed call.
+- **Single flight** (:mod:`.flights`, ``cache.single_flight``, on by default): identical
+  misses at the same time make one upstream call; the others wait for its stored answer
+  (``cache.single_flight_wait`` seconds at most, 60, and no longer than their own
+  timeouts) and are served it as hits. Per process, Redis or not.
 
 A hit is the stored answer with its usage (the cost stage prices what it saved) under a
 new ``id``; a streaming request gets it replayed as a stream, and a streamed miss is
