@@ -172,9 +172,12 @@ class ResponseCache:
         pending = call.state.get("cache")
         if not isinstance(pending, Pending) or call.cached or call.error is not None:
             return
-        raw = self._store(call, reply, pending)
-        if pending.lead:
-            self.flights.land(pending, UPSTREAM if raw is None else raw)
+        raw = None
+        try:
+            raw = self._store(call, reply, pending)
+        finally:  # whatever became of the answer, the followers hear of it
+            if pending.lead:
+                self.flights.land(pending, UPSTREAM if raw is None else raw)
 
     def _store(self, call: Call, reply: Reply, pending: Pending) -> bytes | None:
         """The answer's bytes as stored; None when it is not."""
