@@ -41,15 +41,16 @@ Outcome = bytes | str
 class Pending:
     """What lookup decided, for store: where the answer goes, for how long, and the
     upstream model the key names (an answer from another one, a fallback's, is not
-    stored). While ``lead``, it is its key's flight, run by ``task``; ``waiters`` exists
-    once a call follows it; ``outcome`` is how it ended, and ``successor`` the call its
-    followers follow next when that was :data:`AGAIN`."""
+    stored). While ``lead``, it is its key's flight, run by ``task`` (a stream, whose end
+    ``ended`` watches); ``waiters`` exists once a call follows it; ``outcome`` is how it
+    ended, and ``successor`` the call its followers follow next when that was :data:`AGAIN`."""
 
     key: str
     ttl: float
     model: str | None
     lead: bool = False
     task: asyncio.Task[Any] | None = None
+    ended: Callable[[asyncio.Task[Any]], None] | None = None
     waiters: asyncio.Future[None] | None = None
     outcome: Outcome | None = None
     successor: Pending | None = None
@@ -84,11 +85,14 @@ class Flights:
     def watch(self, pending: Pending, how: Callable[[], Outcome]) -> None:
         """Land leader ``pending`` with ``how()`` when its task ends, unless it landed before
         (a stream can end without reaching store or on-error: cut by its client, or not
-        worth storing). A request is one task (uvicorn, hypercorn, Starlette's routes)."""
+        worth storing). A request is one task (uvicorn, hypercorn, Starlette's routes); the
+        watch goes when the flight lands, so a task that runs many (an in-process client)
+        does not hold them all."""
         task = asyncio.current_task()
         if task is not None:
             pending.task = task
-            task.add_done_callback(partial(self._ended, pending, how))
+            pending.ended = partial(self._ended, pending, how)
+            task.add_done_callback(pending.ended)
 
     async def follow(self, pending: Pending, leader: Pending, patience: float) -> bytes | None:
         """Wait up to ``patience`` seconds for ``leader``'s stored answer and return it;
@@ -141,6 +145,10 @@ class Flights:
         waiters = pending.waiters
         if waiters is not None and not waiters.done():
             waiters.set_result(None)
+        task, ended = pending.task, pending.ended
+        if task is not None and ended is not None:  # a stream's watch on its task: done with
+            task.remove_done_callback(ended)
+            pending.task = pending.ended = None
 
     def _ended(self, pending: Pending, how: Callable[[], Outcome], task: asyncio.Task[Any]) -> None:
         if pending.lead:
