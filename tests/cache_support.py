@@ -189,3 +189,44 @@ async def until(ready: Callable[[], bool], within: float = 5.0) -> None:
 
 def start(g: Gateway, body: dict[str, Any], key: str | None = "a1") -> asyncio.Task[httpx.Response]:
     return asyncio.ensure_future(g.http.post("/v1/chat/completions", json=body, headers=auth(key)))
+
+
+Calls = list[asyncio.Task[httpx.Response]]
+
+
+async def lined_up(g: Gateway, up: Upstream, body: dict[str, Any], followers: int,
+                   key: str | None = "a1") -> tuple[asyncio.Task[httpx.Response], Calls]:
+    """A leader held upstream, then ``followers`` identical calls waiting for it."""
+    leader = start(g, body, key)
+    await until(lambda: up.calls == 1)
+    rest = [start(g, body, key) for _ in range(followers)]
+    await until(lambda: g.cache.flights.waits == followers)
+    return leader, rest
+
+
+async def post_then_leave(app: Starlette, body: dict[str, Any], headers: dict[str, str],
+                           leave: asyncio.Event) -> int:
+    """POST to the app as a server would, the client disconnecting when ``leave`` is set;
+    the status the app answered."""
+    raw = orjson.dumps(body)
+    scope = {"type": "http", "asgi": {"version": "3.0", "spec_version": "2.3"}, "http_version": "1.1",
+             "method": "POST", "scheme": "http", "path": "/v1/chat/completions",
+             "raw_path": b"/v1/chat/completions", "query_string": b"", "root_path": "",
+             "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(raw)).encode()),
+                         *((k.encode(), v.encode()) for k, v in headers.items())],
+             "server": ("127.0.0.1", 8000), "client": ("127.0.0.1", 5000), "state": {}}
+    messages = iter([{"type": "http.request", "body": raw, "more_body": False}])
+    sent: list[dict[str, Any]] = []
+
+    async def receive() -> dict[str, Any]:
+        message = next(messages, None)
+        if message is not None:
+            return message
+        await leave.wait()
+        return {"type": "http.disconnect"}
+
+    async def send(message: dict[str, Any]) -> None:
+        sent.append(message)
+
+    await asyncio.wait_for(app(scope, receive, send), timeout=5)
+    return int(sent[0]["status"])

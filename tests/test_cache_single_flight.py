@@ -9,22 +9,19 @@ from __future__ import annotations
 
 import asyncio
 import time
-from typing import Any
 
-import httpx
-import orjson
 import pytest
-from starlette.applications import Starlette
 
 from tests.cache_support import (
     DET,
     KEYS,
-    Gateway,
     Upstream,
     auth,
     config,
     content,
     gateway,
+    lined_up,
+    post_then_leave,
     start,
     streamed_text,
     until,
@@ -32,17 +29,6 @@ from tests.cache_support import (
 from tests.conftest import make_config
 
 N = 12  # identical requests at once
-Calls = list[asyncio.Task[httpx.Response]]
-
-
-async def lined_up(g: Gateway, up: Upstream, body: dict[str, Any], followers: int,
-                   key: str | None = "a1") -> tuple[asyncio.Task[httpx.Response], Calls]:
-    """A leader held upstream, then ``followers`` identical calls waiting for it."""
-    leader = start(g, body, key)
-    await until(lambda: up.calls == 1)
-    rest = [start(g, body, key) for _ in range(followers)]
-    await until(lambda: g.cache.flights.waits == followers)
-    return leader, rest
 
 
 async def test_concurrent_identical_misses_share_one_upstream_call() -> None:
@@ -186,7 +172,7 @@ async def test_a_leader_whose_client_leaves_hands_the_flight_to_one_follower() -
     async with gateway(config()) as g:
         g.chat.side_effect = up = Upstream()
         leave = asyncio.Event()
-        leader = asyncio.ensure_future(_post_then_leave(g.app, DET, auth("a1"), leave))
+        leader = asyncio.ensure_future(post_then_leave(g.app, DET, auth("a1"), leave))
         await until(lambda: up.calls == 1)
         followers = [start(g, DET, "a2") for _ in range(N - 1)]
         await until(lambda: g.cache.flights.waits == N - 1)
@@ -232,31 +218,3 @@ async def test_a_follower_waits_no_longer_than_its_own_timeout() -> None:
         assert not whole.done()  # the whole call has no such bound: it still waits (60 s)
         up.gate.set()
         assert content(await leader) == content(await whole) == "answer 1"
-
-
-async def _post_then_leave(app: Starlette, body: dict[str, Any], headers: dict[str, str],
-                           leave: asyncio.Event) -> int:
-    """POST to the app as a server would, the client disconnecting when ``leave`` is set;
-    the status the app answered."""
-    raw = orjson.dumps(body)
-    scope = {"type": "http", "asgi": {"version": "3.0", "spec_version": "2.3"}, "http_version": "1.1",
-             "method": "POST", "scheme": "http", "path": "/v1/chat/completions",
-             "raw_path": b"/v1/chat/completions", "query_string": b"", "root_path": "",
-             "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(raw)).encode()),
-                         *((k.encode(), v.encode()) for k, v in headers.items())],
-             "server": ("127.0.0.1", 8000), "client": ("127.0.0.1", 5000), "state": {}}
-    messages = iter([{"type": "http.request", "body": raw, "more_body": False}])
-    sent: list[dict[str, Any]] = []
-
-    async def receive() -> dict[str, Any]:
-        message = next(messages, None)
-        if message is not None:
-            return message
-        await leave.wait()
-        return {"type": "http.disconnect"}
-
-    async def send(message: dict[str, Any]) -> None:
-        sent.append(message)
-
-    await asyncio.wait_for(app(scope, receive, send), timeout=5)
-    return int(sent[0]["status"])
