@@ -196,10 +196,12 @@ Calls = list[asyncio.Task[httpx.Response]]
 
 async def lined_up(g: Gateway, up: Upstream, body: dict[str, Any], followers: int,
                    key: str | None = "a1") -> tuple[asyncio.Task[httpx.Response], Calls]:
-    """A leader held upstream, then ``followers`` identical calls waiting for it."""
+    """A leader held upstream, then ``followers`` identical calls waiting for it; when the
+    leader streams, they ask for the whole answer (a stream does not follow)."""
     leader = start(g, body, key)
     await until(lambda: up.calls == 1)
-    rest = [start(g, body, key) for _ in range(followers)]
+    whole = {k: v for k, v in body.items() if k not in ("stream", "stream_options")}
+    rest = [start(g, whole, key) for _ in range(followers)]
     await until(lambda: g.cache.flights.waits == followers)
     return leader, rest
 

@@ -154,17 +154,37 @@ def test_identical_requests_at_once_make_one_upstream_call(proxy: Proxy, client:
 def test_a_streaming_leader_whose_client_leaves_hands_over_to_a_follower(
         proxy: Proxy, client: openai.OpenAI) -> None:
     """The leader's client reads one event and leaves: the proxy cuts that stream (not
-    stored) and one of the waiting requests goes upstream for the others."""
+    stored) and one of the (whole) requests waiting for it goes upstream for the others."""
     marker, messages = _messages()
     args: dict[str, Any] = {"model": "gpt-fake", "messages": messages, "temperature": 0, "stream": True,
                             "extra_body": {"fake": {"chunks": 30, "chunk_delay_ms": 40}}}
+    whole = {**args, "stream": False}
     before = _flight_waits(proxy)
     with ThreadPoolExecutor(4) as pool:
         with client.chat.completions.create(**args) as stream:
             next(iter(stream))
-            followers = [pool.submit(lambda: _read(client.chat.completions.create(**args))[0])
-                         for _ in range(4)]
+            followers = [pool.submit(lambda: client.chat.completions.create(**whole)) for _ in range(4)]
             _until(lambda: _flight_waits(proxy) >= before + 4)
-        texts = [f.result(timeout=20) for f in followers]
+        texts = [f.result(timeout=20).choices[0].message.content or "" for f in followers]
     assert len(set(texts)) == 1 and len(texts[0].split()) == 30
     assert len(proxy.fake.with_text(marker)) == 2  # the leader's, cut; then one for the four
+
+
+def test_a_streaming_duplicate_gets_its_first_token_while_the_leader_streams(
+        proxy: Proxy, client: openai.OpenAI) -> None:
+    """A stream identical to one in flight does not wait for that one's whole answer (its
+    first token would come with the leader's last): it makes its own upstream call."""
+    marker, messages = _messages()
+    args: dict[str, Any] = {"model": "gpt-fake", "messages": messages, "temperature": 0, "stream": True,
+                            "extra_body": {"fake": {"chunks": 30, "chunk_delay_ms": 100}}}
+    with client.chat.completions.create(**args) as leader:
+        next(iter(leader))  # the leader streams: some 3 s to go upstream
+        began = time.monotonic()
+        with client.chat.completions.with_streaming_response.create(**args) as duplicate:
+            assert duplicate.headers["x-aiproxy-cache"] == "miss"
+            next(iter(duplicate.parse()))
+            took = time.monotonic() - began
+            (first, *_) = proxy.fake.with_text(marker)
+            assert not first.completed, "the leader's upstream call is over: it was waited for"
+    assert took < 2.0, took
+    assert len(proxy.fake.with_text(marker)) == 2

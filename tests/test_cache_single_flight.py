@@ -83,17 +83,15 @@ async def test_tenants_never_share_a_flight() -> None:
 
 @pytest.mark.parametrize("stream", [False, True])
 async def test_a_leader_that_fails_leaves_its_followers_to_call_upstream_themselves(stream: bool) -> None:
+    """The leader whole or streamed; its followers whole (a stream does not follow)."""
     async with gateway(config()) as g:
         g.chat.side_effect = up = Upstream(fail=[1])
-        body = {**DET, "stream": stream}
-        leader, followers = await lined_up(g, up, body, N - 1)
+        leader, followers = await lined_up(g, up, {**DET, "stream": stream}, N - 1)
         up.gate.set()
         assert (await leader).status_code >= 500
         answers = await asyncio.gather(*followers)
-        read = streamed_text if stream else content
         # each went upstream itself, at once (not one after another's failure)
-        assert sorted(read(r) for r in answers) == \
-            sorted(f"{'streamed answer' if stream else 'answer'} {n}" for n in range(2, N + 1))
+        assert sorted(content(r) for r in answers) == sorted(f"answer {n}" for n in range(2, N + 1))
         assert {r.headers["x-aiproxy-cache"] for r in answers} == {"miss"}
         assert g.chat.call_count == N and g.cache.aiproxy_stats()["aiproxy_cache_flights"] == 0
 
@@ -106,27 +104,49 @@ async def test_a_stream_cut_short_is_not_shared_its_followers_call_upstream_them
         up.gate.set()
         assert streamed_text(await leader) == "streamed answer 1"  # the client got what came
         answers = await asyncio.gather(*followers)
-        assert sorted(streamed_text(r) for r in answers) == [f"streamed answer {n}" for n in (2, 3, 4)]
+        assert sorted(content(r) for r in answers) == [f"answer {n}" for n in (2, 3, 4)]
         assert g.chat.call_count == 4
 
 
-async def test_a_streaming_leader_answers_streaming_and_whole_followers() -> None:
+async def test_a_streaming_leader_answers_its_whole_followers() -> None:
     async with gateway(config()) as g:
         g.chat.side_effect = up = Upstream()
         stream = {**DET, "stream": True, "stream_options": {"include_usage": True}}
-        leader, streams = await lined_up(g, up, stream, 4)
-        wholes = [start(g, DET, "a2") for _ in range(4)]
+        leader, wholes = await lined_up(g, up, stream, 4)
+        wholes += [start(g, DET, "a2") for _ in range(4)]
         await until(lambda: g.cache.flights.waits == 8)
         up.gate.set()
         assert streamed_text(await leader) == "streamed answer 1"
-        for r in await asyncio.gather(*streams):
-            assert r.headers["x-aiproxy-cache"] == "hit"
-            assert r.headers["content-type"].startswith("text/event-stream")
-            assert streamed_text(r) == "streamed answer 1"
         for r in await asyncio.gather(*wholes):
             assert r.headers["x-aiproxy-cache"] == "hit"
             assert content(r) == "streamed answer 1" and r.json()["usage"]["total_tokens"] == 8
         assert g.chat.call_count == 1
+
+
+@pytest.mark.parametrize("leader_streams", [True, False])
+async def test_a_streaming_duplicate_does_not_wait_for_the_leader(leader_streams: bool) -> None:
+    """Replaying the leader's answer would bring a stream's first token only with the
+    leader's last: a streaming duplicate goes upstream at once, as a miss, while the leader
+    is still held there; the leader stays, and its whole followers still get its answer."""
+    async with gateway(config()) as g:
+        g.chat.side_effect = up = Upstream()
+        stream = {**DET, "stream": True, "stream_options": {"include_usage": True}}
+        leader, wholes = await lined_up(g, up, stream if leader_streams else DET, 2)
+        own = await asyncio.wait_for(start(g, stream, "a2"), timeout=5)  # the leader still held
+        assert not leader.done() and not any(w.done() for w in wholes)
+        assert own.headers["x-aiproxy-cache"] == "miss"
+        assert own.headers["content-type"].startswith("text/event-stream")
+        assert streamed_text(own) == "streamed answer 2" and up.calls == 2
+        again = await start(g, stream)  # and, a plain miss, it was stored
+        assert again.headers["x-aiproxy-cache"] == "hit" and streamed_text(again) == "streamed answer 2"
+        stats = g.cache.aiproxy_stats()
+        assert stats["aiproxy_cache_flight_waits_total"] == 2 and stats["aiproxy_cache_flights"] == 1
+        up.gate.set()
+        first = "streamed answer 1" if leader_streams else "answer 1"
+        read = streamed_text if leader_streams else content
+        assert read(await leader) == first
+        assert [content(r) for r in await asyncio.gather(*wholes)] == [first] * 2  # the leader's
+        assert g.cache.aiproxy_stats()["aiproxy_cache_flights"] == 0
 
 
 async def test_a_streaming_leader_cancelled_outright_hands_the_flight_to_one_follower() -> None:
@@ -137,7 +157,7 @@ async def test_a_streaming_leader_cancelled_outright_hands_the_flight_to_one_fol
         answers = await asyncio.gather(*followers)
         assert up.cancelled == 1
         # one new leader; the rest its hits
-        assert {streamed_text(r) for r in answers} == {"streamed answer 2"}
+        assert {content(r) for r in answers} == {"answer 2"}
         assert sorted(r.headers["x-aiproxy-cache"] for r in answers) == ["hit"] * (N - 2) + ["miss"]
         assert up.calls == 2
 
@@ -203,18 +223,17 @@ async def test_a_follower_waits_no_longer_than_single_flight_wait() -> None:
 
 
 async def test_a_follower_waits_no_longer_than_its_own_timeout() -> None:
-    """A stream's own first-token timeout bounds its wait (whole calls do not have one)."""
-    models = [{"name": "gpt-test", "provider": "openai", "model": "gpt-4o-mini",
-               "timeout": {"first_token": 0.2}}]
+    """Its deployment's read timeout bounds a follower's wait (60 s by default); the fake
+    upstream does not apply it, so the leader held there waits on."""
+    models = [{"name": "gpt-test", "provider": "openai", "model": "gpt-4o-mini", "timeout": {"read": 0.2}}]
     cfg = make_config(keys={"declared": [{"name": "a1", "key": KEYS["a1"][0], "tenant": "tenant-a"}]},
                       models=models)
     async with gateway(cfg) as g:
         g.chat.side_effect = up = Upstream()
         leader, [whole] = await lined_up(g, up, DET, 1)
         began = time.monotonic()
-        stream = await start(g, {**DET, "stream": True})
+        assert content(await whole) == "answer 2"
         assert 0.15 < time.monotonic() - began < 1.5
-        assert streamed_text(stream) == "streamed answer 2"
-        assert not whole.done()  # the whole call has no such bound: it still waits (60 s)
+        assert g.cache.aiproxy_stats()["aiproxy_cache_flight_timeouts_total"] == 1
         up.gate.set()
-        assert content(await leader) == content(await whole) == "answer 1"
+        assert content(await leader) == "answer 1"

@@ -17,7 +17,10 @@
 - **Single flight** (:mod:`.flights`, ``cache.single_flight``, on by default): identical
   misses at the same time make one upstream call; the others wait for its stored answer
   (``cache.single_flight_wait`` seconds at most, 60, and no longer than their own
-  timeouts) and are served it as hits. Per process, Redis or not.
+  timeouts) and are served it as hits. Per process, Redis or not. A *streaming* request
+  never waits: replaying the leader's answer would bring its first token only with the
+  leader's last, so it goes upstream at once as a plain miss (the leader stays). A
+  streaming call may still lead: whole duplicates wait for it and get its stored answer.
 
 A hit is the stored answer with its usage (the cost stage prices what it saved) under a
 new ``id``; a streaming request gets it replayed as a stream, and a streamed miss is
@@ -126,12 +129,13 @@ class ResponseCache:
                 self.unreadable += 1
             if self.settings.single_flight:
                 leader = self.flights.leader(pending)
-                if leader is not None:  # an identical call is on its way upstream: wait for it
+                if leader is None:
+                    if call.stream:  # a leading stream may end with neither store nor on-error
+                        self.flights.watch(pending, partial(_left_off, call))
+                elif not call.stream:  # an identical call is on its way upstream: wait for it
                     shared = await self.flights.follow(pending, leader, self._patience(call))
                     reply = None if shared is None else _reply(shared)
-                if reply is None and pending.lead and call.stream:
-                    # a leading stream may end with neither store nor on-error: watch its end
-                    self.flights.watch(pending, partial(_left_off, call))
+                # a stream never follows: its first token would come with the leader's last
         if reply is None:
             self.misses += 1
             call.response_headers[HEADER] = "miss"
@@ -151,13 +155,13 @@ class ResponseCache:
         return override or rule.ttl or op_ttl
 
     def _patience(self, call: Call) -> float:
-        """How long a follower waits for its leader: ``single_flight_wait``, and no longer
-        than its own deployment would wait for an answer (a stream: for its first token)."""
+        """How long a follower (a whole call: streams do not follow) waits for its leader:
+        ``single_flight_wait``, and no longer than its own deployment would wait for an answer."""
         wait = self.settings.single_flight_wait
         deployment = call.deployment
         if deployment is not None:
             limits = deployment.limits
-            for own in (limits.first_token if call.stream else None, limits.total, limits.read):
+            for own in (limits.total, limits.read):
                 if own is not None and own < wait:
                     wait = own
         return wait

@@ -1,10 +1,11 @@
 """Single flight: identical cacheable calls that miss at the same time share one upstream call.
 
-The first miss for a cache key *leads*: it goes upstream as any miss does. A miss for the
-same key while the leader is in flight *follows*: it waits (bounded) for the leader's
-stored answer and is served it as a hit. The key names the tenant, so a call only ever
-follows a call of its own tenant. Per process: with Redis, replicas (and workers) each
-lead their own.
+The first miss for a cache key *leads*: it goes upstream as any miss does. A whole-answer
+miss for the same key while the leader is in flight *follows*: it waits (bounded) for the
+leader's stored answer and is served it as a hit. A streaming miss does not follow (the
+cache stage sends it upstream at once; the leader stays): its first token would otherwise
+come only with the leader's last. The key names the tenant, so a call only ever follows a
+call of its own tenant. Per process: with Redis, replicas (and workers) each lead their own.
 
 How a leader's flight ends (cache-store lands it, on-error when it failed, and for a
 stream the end of its task, which may come with neither), and what its followers do:
