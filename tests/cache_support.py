@@ -1,11 +1,14 @@
 """An in-process gateway for the cache tests: declared keys of two tenants (and keys of
 none), a fake OpenAI upstream (respx) whose every answer is new ("answer 1", "answer 2",
-…) so a hit is told from a second upstream call, and the cache plugin at hand."""
+…) so a hit is told from a second upstream call, and the cache plugin at hand; for the
+single-flight tests, an upstream that holds calls until told (:class:`Upstream`)."""
 
 from __future__ import annotations
 
+import asyncio
 import itertools
-from collections.abc import AsyncIterator
+import time
+from collections.abc import AsyncIterator, Callable, Iterable
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from typing import Any
@@ -13,6 +16,7 @@ from typing import Any
 import httpx
 import orjson
 import respx
+from starlette.applications import Starlette
 
 from aiproxy.app import create_app
 from aiproxy.builtin.cache import ResponseCache
@@ -75,6 +79,7 @@ class Gateway:
     embed: respx.Route
     cache: ResponseCache
     clock: FakeClock
+    app: Starlette
 
     async def post(self, body: dict[str, Any], key: str | None = None, path: str = "/v1/chat/completions",
                    **headers: str) -> httpx.Response:
@@ -86,6 +91,16 @@ class Gateway:
 def content(r: httpx.Response) -> str:
     assert r.status_code == 200, r.text
     return str(r.json()["choices"][0]["message"]["content"])
+
+
+def events(r: httpx.Response) -> list[dict[str, Any]]:
+    """The JSON events of an SSE answer."""
+    return [orjson.loads(line[6:]) for line in r.text.splitlines() if line.startswith("data: {")]
+
+
+def streamed_text(r: httpx.Response) -> str:
+    assert r.status_code == 200, r.text
+    return "".join(c["choices"][0]["delta"].get("content") or "" for c in events(r) if c["choices"])
 
 
 @asynccontextmanager
@@ -111,7 +126,7 @@ async def gateway(cfg: Config, **kwargs: Any) -> AsyncIterator[Gateway]:
         clock = FakeClock()
         plugin.clock = clock
         async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://proxy") as http:
-            yield Gateway(http, upstream, chat, embed, plugin, clock)
+            yield Gateway(http, upstream, chat, embed, plugin, clock, app)
 
 
 async def check_tenant_isolation(g: Gateway) -> None:
@@ -133,3 +148,87 @@ async def check_tenant_isolation(g: Gateway) -> None:
     assert [content(await g.post(DET, k)) for k in ("solo1", "solo2", None)] == \
         ["answer 3", "answer 4", "answer 5"]
     assert g.chat.call_count == 5
+
+
+class Upstream:
+    """The chat route's answers: call n says "answer n" (streamed when asked); the calls in
+    ``hold`` wait for :attr:`gate`, those in ``fail`` answer 500, those in ``cut`` stream
+    without ever finishing."""
+
+    def __init__(self, hold: Iterable[int] = (1,), fail: Iterable[int] = (), cut: Iterable[int] = ()) -> None:
+        self.gate = asyncio.Event()
+        self.calls = 0
+        self.hold, self.fail, self.cut = set(hold), set(fail), set(cut)
+        self.cancelled = 0
+
+    async def __call__(self, request: httpx.Request) -> httpx.Response:
+        self.calls += 1
+        n = self.calls
+        if n in self.hold:
+            try:
+                await self.gate.wait()
+            except asyncio.CancelledError:
+                self.cancelled += 1
+                raise
+        if n in self.fail:
+            return httpx.Response(500, json={"error": {"message": "upstream broke", "type": "server_error"}})
+        if b'"stream":true' in request.content:
+            body = chat_stream(f"streamed answer {n}")
+            if n in self.cut:  # the body just stops: no finish_reason, no [DONE]
+                body = body.split(b'"finish_reason":"stop"')[0].rsplit(b"data: ", 1)[0]
+            return httpx.Response(200, content=body, headers={"content-type": "text/event-stream"})
+        return httpx.Response(200, json=chat_answer(f"answer {n}"))
+
+
+async def until(ready: Callable[[], bool], within: float = 5.0) -> None:
+    deadline = time.monotonic() + within
+    while not ready():
+        assert time.monotonic() < deadline, "timed out waiting for the calls to line up"
+        await asyncio.sleep(0.002)
+
+
+def start(g: Gateway, body: dict[str, Any], key: str | None = "a1") -> asyncio.Task[httpx.Response]:
+    return asyncio.ensure_future(g.http.post("/v1/chat/completions", json=body, headers=auth(key)))
+
+
+Calls = list[asyncio.Task[httpx.Response]]
+
+
+async def lined_up(g: Gateway, up: Upstream, body: dict[str, Any], followers: int,
+                   key: str | None = "a1") -> tuple[asyncio.Task[httpx.Response], Calls]:
+    """A leader held upstream, then ``followers`` identical calls waiting for it; when the
+    leader streams, they ask for the whole answer (a stream does not follow)."""
+    leader = start(g, body, key)
+    await until(lambda: up.calls == 1)
+    whole = {k: v for k, v in body.items() if k not in ("stream", "stream_options")}
+    rest = [start(g, whole, key) for _ in range(followers)]
+    await until(lambda: g.cache.flights.waits == followers)
+    return leader, rest
+
+
+async def post_then_leave(app: Starlette, body: dict[str, Any], headers: dict[str, str],
+                           leave: asyncio.Event) -> int:
+    """POST to the app as a server would, the client disconnecting when ``leave`` is set;
+    the status the app answered."""
+    raw = orjson.dumps(body)
+    scope = {"type": "http", "asgi": {"version": "3.0", "spec_version": "2.3"}, "http_version": "1.1",
+             "method": "POST", "scheme": "http", "path": "/v1/chat/completions",
+             "raw_path": b"/v1/chat/completions", "query_string": b"", "root_path": "",
+             "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(raw)).encode()),
+                         *((k.encode(), v.encode()) for k, v in headers.items())],
+             "server": ("127.0.0.1", 8000), "client": ("127.0.0.1", 5000), "state": {}}
+    messages = iter([{"type": "http.request", "body": raw, "more_body": False}])
+    sent: list[dict[str, Any]] = []
+
+    async def receive() -> dict[str, Any]:
+        message = next(messages, None)
+        if message is not None:
+            return message
+        await leave.wait()
+        return {"type": "http.disconnect"}
+
+    async def send(message: dict[str, Any]) -> None:
+        sent.append(message)
+
+    await asyncio.wait_for(app(scope, receive, send), timeout=5)
+    return int(sent[0]["status"])

@@ -22,7 +22,9 @@ from tests.cache_support import (
     check_tenant_isolation,
     config,
     content,
+    events,
     gateway,
+    streamed_text,
 )
 from tests.conftest import CHAT
 from tests.helpers import error_of, with_plugins
@@ -224,7 +226,7 @@ async def test_a_stream_is_stored_and_replayed_as_a_stream() -> None:
         second = await g.post(body)
         assert second.headers["x-aiproxy-cache"] == "hit"
         assert second.headers["content-type"].startswith("text/event-stream")
-        assert _text(first) == _text(second) == "streamed answer 1"
+        assert streamed_text(first) == streamed_text(second) == "streamed answer 1"
         assert _usage(second) == {"prompt_tokens": 5, "completion_tokens": 3, "total_tokens": 8}
         whole = await g.post(DET)  # the same request, not streamed: the stored stream's answer
         assert content(whole) == "streamed answer 1" and whole.json()["usage"]["total_tokens"] == 8
@@ -253,17 +255,8 @@ class _Broken(httpx.AsyncByteStream):
         raise httpx.ReadError("upstream went away")
 
 
-def _events(r: httpx.Response) -> list[dict[str, Any]]:
-    return [orjson.loads(line[6:]) for line in r.text.splitlines()
-            if line.startswith("data: {")]
-
-
-def _text(r: httpx.Response) -> str:
-    return "".join(c["choices"][0]["delta"].get("content") or "" for c in _events(r) if c["choices"])
-
-
 def _usage(r: httpx.Response) -> Any:
-    return next(c["usage"] for c in _events(r) if c.get("usage"))
+    return next(c["usage"] for c in events(r) if c.get("usage"))
 
 
 async def test_disabled_the_cache_answers_nothing_and_says_nothing() -> None:
@@ -283,6 +276,9 @@ async def test_disabled_the_cache_answers_nothing_and_says_nothing() -> None:
     ({"models": {"gpt-*": {"sampled": "maybe"}}}, "cache.models.gpt-*.sampled: expected true or false"),
     ({"models": {"gpt-*": {"ttl": 5}}}, "cache.models.gpt-*.ttl: unknown setting"),
     ({"tll_seconds": 5}, "cache.tll_seconds: unknown setting"),
+    ({"single_flight": "maybe"}, "cache.single_flight: expected true or false, got 'maybe'"),
+    ({"single_flight_wait": 0}, "cache.single_flight_wait: must be more than 0"),
+    ({"single_flight_wait": "a minute"}, "cache.single_flight_wait: expected a number of seconds"),
 ])
 def test_a_bad_cache_section_stops_start_up_naming_the_setting(cache: dict[str, Any], message: str) -> None:
     with pytest.raises(ConfigError) as info:

@@ -4,18 +4,22 @@ server) that records every request it gets, so a hit is one request fewer there.
 
 from __future__ import annotations
 
+import time
 import uuid
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import anthropic
+import httpx
 import openai
 import pytest
 
 from tests.fakes import FakeOpenAI
 from tests.helpers import started_proxy
+from tests.metrics_support import Scrape
 
 MASTER_KEY = "sk-gateway-master-cache-e2e"
 OPENAI_KEY = "sk-fake-openai-key-cache"
@@ -120,3 +124,67 @@ def test_the_anthropic_sdk_gets_a_cached_answer_rewritten_as_a_message(proxy: Pr
         assert final.usage.output_tokens == message.usage.output_tokens
     assert len(proxy.fake.with_text(marker)) == 1
     assert "Traceback" not in proxy.log.read_text()
+
+
+def _flight_waits(proxy: Proxy) -> float:
+    scrape = Scrape(httpx.get(f"{proxy.url}/metrics", headers={"authorization": f"Bearer {MASTER_KEY}"},
+                              timeout=5).text)
+    return scrape.value("aiproxy_cache_flight_waits_total") or 0.0
+
+
+def _until(ready: Callable[[], bool], within: float = 10.0) -> None:
+    deadline = time.monotonic() + within
+    while not ready():
+        assert time.monotonic() < deadline, "timed out"
+        time.sleep(0.02)
+
+
+def test_identical_requests_at_once_make_one_upstream_call(proxy: Proxy, client: openai.OpenAI) -> None:
+    marker, messages = _messages()
+    args: dict[str, Any] = {"model": "gpt-fake", "messages": messages, "temperature": 0,
+                            "extra_body": {"fake": {"latency_ms": 400}}}
+    with ThreadPoolExecutor(8) as pool:
+        answers = list(pool.map(lambda _: client.chat.completions.with_raw_response.create(**args), range(8)))
+    assert len(proxy.fake.with_text(marker)) == 1
+    assert sorted(a.headers["x-aiproxy-cache"] for a in answers) == ["hit"] * 7 + ["miss"]
+    assert len({a.parse().choices[0].message.content for a in answers}) == 1
+    assert {a.parse().usage.total_tokens for a in answers} == {answers[0].parse().usage.total_tokens}
+
+
+def test_a_streaming_leader_whose_client_leaves_hands_over_to_a_follower(
+        proxy: Proxy, client: openai.OpenAI) -> None:
+    """The leader's client reads one event and leaves: the proxy cuts that stream (not
+    stored) and one of the (whole) requests waiting for it goes upstream for the others."""
+    marker, messages = _messages()
+    args: dict[str, Any] = {"model": "gpt-fake", "messages": messages, "temperature": 0, "stream": True,
+                            "extra_body": {"fake": {"chunks": 30, "chunk_delay_ms": 40}}}
+    whole = {**args, "stream": False}
+    before = _flight_waits(proxy)
+    with ThreadPoolExecutor(4) as pool:
+        with client.chat.completions.create(**args) as stream:
+            next(iter(stream))
+            followers = [pool.submit(lambda: client.chat.completions.create(**whole)) for _ in range(4)]
+            _until(lambda: _flight_waits(proxy) >= before + 4)
+        texts = [f.result(timeout=20).choices[0].message.content or "" for f in followers]
+    assert len(set(texts)) == 1 and len(texts[0].split()) == 30
+    assert len(proxy.fake.with_text(marker)) == 2  # the leader's, cut; then one for the four
+
+
+def test_a_streaming_duplicate_gets_its_first_token_while_the_leader_streams(
+        proxy: Proxy, client: openai.OpenAI) -> None:
+    """A stream identical to one in flight does not wait for that one's whole answer (its
+    first token would come with the leader's last): it makes its own upstream call."""
+    marker, messages = _messages()
+    args: dict[str, Any] = {"model": "gpt-fake", "messages": messages, "temperature": 0, "stream": True,
+                            "extra_body": {"fake": {"chunks": 30, "chunk_delay_ms": 100}}}
+    with client.chat.completions.create(**args) as leader:
+        next(iter(leader))  # the leader streams: some 3 s to go upstream
+        began = time.monotonic()
+        with client.chat.completions.with_streaming_response.create(**args) as duplicate:
+            assert duplicate.headers["x-aiproxy-cache"] == "miss"
+            next(iter(duplicate.parse()))
+            took = time.monotonic() - began
+            (first, *_) = proxy.fake.with_text(marker)
+            assert not first.completed, "the leader's upstream call is over: it was waited for"
+    assert took < 2.0, took
+    assert len(proxy.fake.with_text(marker)) == 2

@@ -1,15 +1,16 @@
 """The response cache on a real Redis (``AIPROXY_TEST_REDIS_URL``): tenant isolation,
-values stored with their TTL, and an outage (a TCP forwarder cut in front of Redis) that
-is a miss, never a failed call, followed by recovery."""
+single flight (per replica), values stored with their TTL, and an outage (a TCP forwarder
+cut in front of Redis) that is a miss, never a failed call, followed by recovery."""
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import os
 
 import pytest
 
-from tests.cache_support import DET, check_tenant_isolation, config, content, gateway
+from tests.cache_support import DET, Upstream, check_tenant_isolation, config, content, gateway, start, until
 from tests.tcp_proxy import TcpProxy
 
 REDIS_URL = os.environ.get("AIPROXY_TEST_REDIS_URL")
@@ -44,6 +45,25 @@ async def test_two_replicas_share_answers_through_redis(prefix: str) -> None:
         assert content(await two.post(DET, "a2")) == "answer 1"  # the other replica's answer
         assert content(await two.post(DET, "b1")) == "answer 1"  # its own upstream's first answer
         assert (one.chat.call_count, two.chat.call_count) == (1, 1)
+
+
+async def test_single_flight_is_per_replica_on_redis(prefix: str) -> None:
+    """Identical misses share one upstream call within a replica; each replica leads its own
+    (no lock across processes: at most one call per replica, not one in all)."""
+    cfg = config(redis={"url": REDIS_URL, "prefix": prefix})
+    async with gateway(cfg) as one, gateway(cfg) as two:
+        one.chat.side_effect, two.chat.side_effect = up_one, up_two = Upstream(), Upstream()
+        calls = [start(g, DET) for g in (one, two) for _ in range(6)]
+        await until(lambda: one.cache.flights.waits == two.cache.flights.waits == 5)
+        assert up_one.calls == up_two.calls == 1
+        up_one.gate.set()
+        up_two.gate.set()
+        answers = [content(r) for r in await asyncio.gather(*calls)]
+        assert answers == ["answer 1"] * 12  # each replica's own first answer
+        assert one.cache.aiproxy_stats()["aiproxy_cache_flight_shared_total"] == 5
+        await one.cache.settle()
+        await two.cache.settle()
+        assert len(await _keys(prefix)) == 1
 
 
 async def test_values_are_stored_with_their_ttl(prefix: str) -> None:

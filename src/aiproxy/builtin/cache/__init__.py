@@ -14,6 +14,13 @@
   ``no-store`` does neither. Every answer says ``x-aiproxy-cache: hit|miss|skip``.
 - **Backends**: in process (LRU, ``max_size`` entries, ``max_bytes``), or Redis when
   ``redis.url`` is set; a Redis failure is a miss, never a failed call.
+- **Single flight** (:mod:`.flights`, ``cache.single_flight``, on by default): identical
+  misses at the same time make one upstream call; the others wait for its stored answer
+  (``cache.single_flight_wait`` seconds at most, 60, and no longer than their own
+  timeouts) and are served it as hits. Per process, Redis or not. A *streaming* request
+  never waits: replaying the leader's answer would bring its first token only with the
+  leader's last, so it goes upstream at once as a plain miss (the leader stays). A
+  streaming call may still lead: whole duplicates wait for it and get its stored answer.
 
 A hit is the stored answer with its usage (the cost stage prices what it saved) under a
 new ``id``; a streaming request gets it replayed as a stream, and a streamed miss is
@@ -24,7 +31,7 @@ from __future__ import annotations
 
 import logging
 import time
-from dataclasses import dataclass
+from functools import partial
 from typing import Any
 
 import orjson
@@ -32,6 +39,7 @@ from starlette.applications import Starlette
 
 from aiproxy import hookimpl, wire
 from aiproxy.builtin.cache.backends import Clock, MemoryBackend, RedisBackend
+from aiproxy.builtin.cache.flights import AGAIN, UPSTREAM, Flights, Outcome, Pending
 from aiproxy.builtin.cache.request import (
     TTL_HEADER,
     cache_key,
@@ -43,22 +51,13 @@ from aiproxy.builtin.cache.request import (
 from aiproxy.builtin.cache.settings import CacheSettings, parse_settings
 from aiproxy.call import Call
 from aiproxy.config import Config
+from aiproxy.errors import ProxyError
 from aiproxy.provider import Reply
 
 log = logging.getLogger("aiproxy.cache")
 HEADER = "x-aiproxy-cache"
 _TTL_RAW = TTL_HEADER.encode()
 _ANSWER_FIELD = {"chat": "choices", "completion": "choices", "embedding": "data", "image": "data"}
-
-
-@dataclass(slots=True)
-class _Pending:
-    """What lookup decided, for store: where the answer goes, for how long, and the
-    upstream model the key names (an answer from another one, a fallback's, is not stored)."""
-
-    key: str
-    ttl: float
-    model: str | None
 
 
 class ResponseCache:
@@ -70,6 +69,7 @@ class ResponseCache:
         self.memory = MemoryBackend(s.max_size, s.max_bytes, clock)
         self.redis: RedisBackend | None = None
         self._clock = clock
+        self.flights = Flights()
         self.hits = self.misses = self.skips = self.stores = self.too_big = self.unreadable = 0
 
     @property
@@ -117,7 +117,7 @@ class ResponseCache:
         if key is None or ttl is None:
             self._skip(call)
             return None
-        call.state["cache"] = _Pending(key, ttl, call.upstream_model)
+        pending = call.state["cache"] = Pending(key, ttl, call.upstream_model)
         call.collect = True  # a streamed answer is assembled for store
         if no_cache:
             self._skip(call)
@@ -127,6 +127,16 @@ class ResponseCache:
         if reply is None:
             if raw is not None:  # not an answer (another version's format?): replaced on store
                 self.unreadable += 1
+            if self.settings.single_flight:
+                leader = self.flights.leader(pending)
+                if leader is None:
+                    if call.stream:  # a leading stream may end with neither store nor on-error
+                        self.flights.watch(pending, partial(_left_off, call))
+                elif not call.stream:  # an identical call is on its way upstream: wait for it
+                    shared = await self.flights.follow(pending, leader, self._patience(call))
+                    reply = None if shared is None else _reply(shared)
+                # a stream never follows: its first token would come with the leader's last
+        if reply is None:
             self.misses += 1
             call.response_headers[HEADER] = "miss"
             return None
@@ -144,20 +154,42 @@ class ResponseCache:
             return None
         return override or rule.ttl or op_ttl
 
+    def _patience(self, call: Call) -> float:
+        """How long a follower (a whole call: streams do not follow) waits for its leader:
+        ``single_flight_wait``, and no longer than its own deployment would wait for an answer."""
+        wait = self.settings.single_flight_wait
+        deployment = call.deployment
+        if deployment is not None:
+            limits = deployment.limits
+            for own in (limits.total, limits.read):
+                if own is not None and own < wait:
+                    wait = own
+        return wait
+
     def _skip(self, call: Call) -> None:
         self.skips += 1
         call.response_headers[HEADER] = "skip"
 
     @hookimpl
     def aiproxy_cache_store(self, call: Call, reply: Reply) -> None:
+        """Store the answer; a leader's followers get it, or (not stored) go upstream."""
         pending = call.state.get("cache")
-        if not isinstance(pending, _Pending) or call.cached or call.error is not None:
+        if not isinstance(pending, Pending) or call.cached or call.error is not None:
             return
+        raw = None
+        try:
+            raw = self._store(call, reply, pending)
+        finally:  # whatever became of the answer, the followers hear of it
+            if pending.lead:
+                self.flights.land(pending, UPSTREAM if raw is None else raw)
+
+    def _store(self, call: Call, reply: Reply, pending: Pending) -> bytes | None:
+        """The answer's bytes as stored; None when it is not."""
         if call.upstream_model != pending.model:  # served by a fallback: not the key's model
-            return
+            return None
         data = reply.data
         if not data.get(_ANSWER_FIELD.get(call.operation, "choices")):
-            return  # nothing worth replaying (an upstream's empty answer)
+            return None  # nothing worth replaying (an upstream's empty answer)
         if "usage" not in data and call.usage is not None:
             data = {**data, "usage": call.usage.to_openai()}  # a hit must carry usage
             raw = orjson.dumps(data)
@@ -165,12 +197,22 @@ class ResponseCache:
             raw = reply.raw if reply.raw is not None else orjson.dumps(data)
         if len(raw) > self.settings.max_entry_bytes:
             self.too_big += 1
-            return
+            return None
         self.stores += 1
         if self.redis is None:
             self.memory.set(pending.key, raw, pending.ttl)
         else:
             self.redis.set(pending.key, raw, pending.ttl)
+        return raw
+
+    @hookimpl
+    def aiproxy_on_error(self, call: Call, error: ProxyError) -> None:
+        """A leader that failed: its followers go upstream; one whose client left (499)
+        hands the flight on. (Not after-call: a leader's whole answer always reaches store,
+        and a stream's end is watched, so calls that lead nothing pay no extra hook.)"""
+        pending = call.state.get("cache")
+        if pending is not None and pending.lead:
+            self.flights.land(pending, AGAIN if error.status == 499 else UPSTREAM)
 
     # ------------------------------------------------------------ metrics
     @hookimpl
@@ -182,6 +224,10 @@ class ResponseCache:
             "aiproxy_cache_stores_total": float(self.stores),
             "aiproxy_cache_too_big_total": float(self.too_big),
             "aiproxy_cache_unreadable_total": float(self.unreadable),
+            "aiproxy_cache_flights": float(len(self.flights)),
+            "aiproxy_cache_flight_waits_total": float(self.flights.waits),
+            "aiproxy_cache_flight_shared_total": float(self.flights.shared),
+            "aiproxy_cache_flight_timeouts_total": float(self.flights.timeouts),
         }
         if self.redis is None:
             stats["aiproxy_cache_entries"] = float(len(self.memory))
@@ -191,6 +237,15 @@ class ResponseCache:
             stats["aiproxy_cache_backend_errors_total"] = float(self.redis.errors)
             stats["aiproxy_cache_writes_dropped_total"] = float(self.redis.dropped)
         return stats
+
+
+def _left_off(call: Call) -> Outcome:
+    """How a streaming leader whose task ended without store or on-error left its flight:
+    its client went away, or it was cancelled before its end (AGAIN: a follower takes
+    over), or its answer was not one to store (no finish, nothing assembled)."""
+    if call.finished is None or call.metadata.get("client_disconnected"):
+        return AGAIN
+    return UPSTREAM
 
 
 def _asked(call: Call) -> tuple[str | None, str | None]:

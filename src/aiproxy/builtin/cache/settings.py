@@ -14,7 +14,7 @@ DAY = 86_400
 #: built-in TTLs per operation, seconds. ``chat`` is ``ttl_seconds`` (AI_CACHE_TTL) when set.
 DEFAULT_TTL = {"chat": 3600.0, "completion": 7 * DAY, "embedding": 30 * DAY, "image": 90 * DAY}
 _KEYS = ("enabled", "backend", "ttl_seconds", "ttl", "max_size", "max_bytes", "max_entry_bytes",
-         "max_ttl_seconds", "models", "redis_retry_seconds")
+         "max_ttl_seconds", "models", "redis_retry_seconds", "single_flight", "single_flight_wait")
 _MODEL_KEYS = ("sampled", "ttl_seconds")
 _BOOLS = {True: True, False: False, "true": True, "false": False, "yes": True, "no": False,
           "on": True, "off": False, "1": True, "0": False}
@@ -39,6 +39,10 @@ class CacheSettings:
     max_entry_bytes: int = 4 * 1024 * 1024
     max_ttl: float = 90.0 * DAY  # the most an x-aiproxy-cache-ttl header may ask for
     redis_retry: float = 5.0  # after a Redis failure, seconds before it is tried again
+    # identical misses in flight at once share one upstream call (per process); the others
+    # wait for its answer at most this long (and no longer than their own timeouts)
+    single_flight: bool = True
+    single_flight_wait: float = 60.0
     models: list[tuple[str, ModelRule]] = field(default_factory=list)  # patterns, file order
     _memo: dict[str, ModelRule] = field(default_factory=dict)
 
@@ -96,6 +100,10 @@ def parse_settings(config: Config) -> CacheSettings:
     retry = _number(raw.get("redis_retry_seconds"), "cache.redis_retry_seconds", errors, allow_zero=True)
     if retry is not None:
         out.redis_retry = retry
+    out.single_flight = _bool(raw.get("single_flight", True), "cache.single_flight", errors)
+    wait = _number(raw.get("single_flight_wait"), "cache.single_flight_wait", errors)
+    if wait is not None:
+        out.single_flight_wait = wait
     out.models = _models(raw.get("models"), errors)
     if errors:
         raise ConfigError(errors, config.source)
