@@ -212,7 +212,10 @@ class ResponseCache:
         and a stream's end is watched, so calls that lead nothing pay no extra hook.)"""
         pending = call.state.get("cache")
         if pending is not None and pending.lead:
-            self.flights.land(pending, AGAIN if error.status == 499 else UPSTREAM)
+            # a leader that did not fail but was cut off (its client left, or a shutdown
+            # cancelled it) hands the flight on; one that failed sends its followers upstream
+            cut = error.status == 499 or error.code == "gateway_shutting_down"
+            self.flights.land(pending, AGAIN if cut else UPSTREAM)
 
     # ------------------------------------------------------------ metrics
     @hookimpl
