@@ -132,9 +132,10 @@ async def test_a_stream_that_ends_after_shutdown_is_still_written_back(migrated_
         principal = await app.app.state.hooks.first("aiproxy_authenticate", call=asking)
         late = Call(request_id="late", operation="chat", body=MOCK, model="mock-gpt", stream=True,
                     headers=Headers(), principal=principal)
-        await app.quotas.aiproxy_before_call(late)  # a long stream, begun before the shutdown
+        assert app.quotas.aiproxy_before_call(late) is None  # in process: done at once (a long stream,
+        # begun before the shutdown)
     late.usage = Usage(20, 700, 720)  # it is cut, and settles after every stage stopped
-    await app.quotas.aiproxy_after_call(late)
+    await app.quotas.settle(late)
     stored = await store.get_key(record.id, tenant=None)
     assert stored is not None and (stored.current_usage, stored.usage_period) == (used + 720, "2026-11")
 

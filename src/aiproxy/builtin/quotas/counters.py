@@ -47,6 +47,13 @@ class LocalCounters:
         self.values: dict[str, list[float]] = {}  # name → [value, expires_at]
 
     async def reserve(self, items: list[Reserve], now: float) -> tuple[int, float] | None:
+        return self.take(items)
+
+    async def add(self, items: list[Add], now: float) -> None:
+        self.grow(items)
+
+    def take(self, items: list[Reserve]) -> tuple[int, float] | None:
+        """Reserve every item, or none: (index, used) of the first that does not fit."""
         values = self.values
         for index, (name, limit, amount, seed, _) in enumerate(items):
             entry = values.get(name)
@@ -57,7 +64,7 @@ class LocalCounters:
             self._grow(name, amount, seed, expires)
         return None
 
-    async def add(self, items: list[Add], now: float) -> None:
+    def grow(self, items: list[Add]) -> None:
         for name, amount, seed, expires in items:
             self._grow(name, amount, seed, expires)
 

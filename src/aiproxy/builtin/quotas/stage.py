@@ -7,7 +7,7 @@ import contextlib
 import logging
 import math
 import time
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -167,19 +167,19 @@ class Quotas:
 
     # ------------------------------------------------------------ before the call
     @hookimpl
-    async def aiproxy_before_call(self, call: Call) -> None:
+    def aiproxy_before_call(self, call: Call) -> Awaitable[None] | None:
+        """In process: done here, no coroutine. Over Redis: the awaitable that reserves."""
         p = call.principal
         if p is None or p.kind == "master" or call.operation == "count_tokens":
-            return
+            return None
         plan = self.plan(p)
         if plan is None:
-            return  # no quota, no budget, nothing to write back: no work at all
+            return None  # no quota, no budget, nothing to write back: no work at all
         now = self.clock()
         periods = self.calendar.at(now)
         if plan.day != periods.day.name:
             self._fill(plan, periods)
-        month = periods.month.name
-        seed = _stored_usage(p, month) if plan.seeded else 0.0
+        seed = _stored_usage(p, periods.month.name) if plan.seeded else 0.0
         estimate = 0
         items: list[Reserve] = []
         if plan.tokens:
@@ -189,10 +189,25 @@ class Quotas:
                      for name, limit, own, expires in plan.tokens]
         if plan.budgets:
             items += [(name, cap, 0.0, 0.0, expires) for name, cap, expires in plan.budgets]
+        counters = self.counters
+        refused: tuple[int, float] | None = None
+        if items:
+            if not isinstance(counters, LocalCounters):  # Redis: a round trip to await
+                return self._reserve_then_hold(call, plan, periods, seed, estimate, items, now)
+            refused = counters.take(items)
+        self._hold(call, plan, periods, seed, estimate, items, now, refused)
+        return None
+
+    async def _reserve_then_hold(self, call: Call, plan: Plan, periods: Periods, seed: float,
+                                 estimate: int, items: list[Reserve], now: float) -> None:
+        self._hold(call, plan, periods, seed, estimate, items, now, await self._reserve(items, now))
+
+    def _hold(self, call: Call, plan: Plan, periods: Periods, seed: float, estimate: int,
+              items: list[Reserve], now: float, refused: tuple[int, float] | object | None) -> None:
+        """Refuse the call (429), or record what it holds for settle."""
         reserved = 0.0
         unsure = None
         if items:
-            refused = await self._reserve(items, now)
             if isinstance(refused, tuple):
                 self.refused += 1
                 raise self._refusal(plan.rules, refused, estimate, periods, now)
@@ -203,8 +218,10 @@ class Quotas:
         held = [(name, reserved, seed if own else 0.0, expires) for name, _, own, expires in plan.tokens]
         if plan.own is not None:
             held.append((plan.own[0], 0.0, seed, plan.own[1]))
+        assert call.principal is not None
         call.state["quotas"] = Held(held, [(name, expires) for name, _, expires in plan.budgets],
-                                    p.id if plan.write_back else None, month, unsure)
+                                    call.principal.id if plan.write_back else None,
+                                    periods.month.name, unsure)
 
     def plan(self, p: Principal) -> Plan | None:
         """What the stage does for ``p`` (None: nothing), remembered per caller."""
@@ -263,18 +280,24 @@ class Quotas:
 
     # ------------------------------------------------------------ after the call
     @hookimpl
-    async def aiproxy_after_call(self, call: Call) -> None:
-        await self.settle(call)
+    def aiproxy_after_call(self, call: Call) -> Awaitable[None] | None:
+        return self._settle(call)
 
     @hookimpl
-    async def aiproxy_on_error(self, call: Call) -> None:
-        await self.settle(call)  # a failed call counts what it used (a stream cut short)
+    def aiproxy_on_error(self, call: Call) -> Awaitable[None] | None:
+        return self._settle(call)  # a failed call counts what it used (a stream cut short)
 
     async def settle(self, call: Call) -> None:
         """Replace the reservation by the tokens used; add the spend (``call.cost``)."""
+        pending = self._settle(call)
+        if pending is not None:
+            await pending
+
+    def _settle(self, call: Call) -> Awaitable[None] | None:
+        """:meth:`settle`, done here in process; over Redis (or at shutdown), the awaitable."""
         held: Held | None = call.state.pop("quotas", None)
         if held is None:
-            return
+            return None
         usage = call.usage
         # a cache hit cost nothing; an answer the upstream sent no usage for has the gateway's
         # estimate; a failure with nothing produced has none
@@ -291,6 +314,19 @@ class Quotas:
             items += [(name, nanos, 0.0, expires) for name, expires in held.usd]
             if alt is not None:
                 alt += [nanos] * len(held.usd)
+        write_back = held.key_id is not None and self.writer is not None
+        counters = self.counters
+        if not isinstance(counters, LocalCounters) or (write_back and self._stopped):
+            return self._settle_later(held, used, items, alt)
+        if items:
+            counters.grow(items)
+        if write_back:
+            assert self.writer is not None and held.key_id is not None
+            self.writer.add(held.key_id, held.month, used)
+        return None
+
+    async def _settle_later(self, held: Held, used: int, items: list[Add], alt: list[float] | None) -> None:
+        unsure = held.unsure
         if items:
             await self._add(items, self.clock(), unsure[0] if unsure is not None else 0, alt)
         if held.key_id is not None and self.writer is not None:
