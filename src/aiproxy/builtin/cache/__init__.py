@@ -31,6 +31,7 @@ from __future__ import annotations
 
 import logging
 import time
+from collections.abc import Awaitable
 from functools import partial
 from typing import Any
 
@@ -106,7 +107,9 @@ class ResponseCache:
 
     # ------------------------------------------------------------ the stage
     @hookimpl
-    async def aiproxy_cache_lookup(self, call: Call) -> Reply | None:
+    def aiproxy_cache_lookup(self, call: Call) -> Reply | Awaitable[Reply | None] | None:
+        """In process a plain function; an awaitable only to read Redis or to wait for an
+        identical call's answer (single flight)."""
         if not self.settings.enabled:
             return None
         control, ttl_header = _asked(call)
@@ -122,7 +125,18 @@ class ResponseCache:
         if no_cache:
             self._skip(call)
             return None
-        raw = self.memory.get(key) if self.redis is None else await self.redis.get(key)
+        if self.redis is not None:
+            return self._looked_up_in_redis(call, pending)
+        return self._found(call, pending, self.memory.get(key))
+
+    async def _looked_up_in_redis(self, call: Call, pending: Pending) -> Reply | None:
+        assert self.redis is not None
+        found = self._found(call, pending, await self.redis.get(pending.key))
+        return await found if isinstance(found, Awaitable) else found
+
+    def _found(self, call: Call, pending: Pending,
+               raw: bytes | None) -> Reply | Awaitable[Reply | None] | None:
+        """What the stored value ``raw`` answers; on a miss, lead the flight or follow it."""
         reply = None if raw is None else _reply(raw)
         if reply is None:
             if raw is not None:  # not an answer (another version's format?): replaced on store
@@ -133,9 +147,16 @@ class ResponseCache:
                     if call.stream:  # a leading stream may end with neither store nor on-error
                         self.flights.watch(pending, partial(_left_off, call))
                 elif not call.stream:  # an identical call is on its way upstream: wait for it
-                    shared = await self.flights.follow(pending, leader, self._patience(call))
-                    reply = None if shared is None else _reply(shared)
+                    return self._follow(call, pending, leader)
                 # a stream never follows: its first token would come with the leader's last
+            return self._answered(call, None)
+        return self._answered(call, reply)
+
+    async def _follow(self, call: Call, pending: Pending, leader: Pending) -> Reply | None:
+        shared = await self.flights.follow(pending, leader, self._patience(call))
+        return self._answered(call, None if shared is None else _reply(shared))
+
+    def _answered(self, call: Call, reply: Reply | None) -> Reply | None:
         if reply is None:
             self.misses += 1
             call.response_headers[HEADER] = "miss"
