@@ -49,6 +49,32 @@ NOTES = """\
   get; the cache set is in the background), and redis-py's per-command machinery
   (`execute_command`, connection pool, packing) is ~30 % of samples: a lean RESP client or
   fewer round trips per call is where that configuration's CPU is.
+- **Counting instructions instead of sampling** (2026-11-28): on a 2-vCPU machine shared with
+  other work, CPU time per request moved by 2x between identical runs, and py-spy's samples
+  overstate code that makes system calls (`os.urandom` showed as 5 % of samples, ~1 µs in
+  fact). [bench/instructions.py](instructions.py) runs `aiproxy serve` under callgrind and
+  counts the instructions per request (the same to within ~2 % run to run, whatever else the
+  machine does). All stages on, per request: 1,598,793 at the start of that session, then
+  1,104,635; bare 879,903 then 534,776. What went:
+  - building the upstream `httpx.Request` and `httpx.Response` (headers normalised twice, the
+    URL copied, the content encoder, Host and Content-Length added by rebuilding the header
+    list): `aiproxy.httpx_lean` fills in the same attributes directly, checked at import
+    against httpx's constructors (it falls back to them if an httpx release differs);
+  - Starlette's middleware stack, route walk and exception wrappers for the hot POST routes
+    (`aiproxy.app.App`: ~10 % of the bare path in process);
+  - the disconnect watcher task of every call: it now starts only after 20 ms
+    (`WATCH_AFTER`), so a call answered sooner never makes one. Note that this benchmark's
+    upstream answers at once, so it never measures the watcher; a call slower than 20 ms pays
+    ~10 µs for it;
+  - coroutines of stages that do no I/O in process (quotas, the cache lookup) and per-hook
+    argument lists and `isawaitable` checks;
+  - the usage log's SQLite writes: SQLAlchemy's per-row bind processing (rows now go to
+    sqlite3's `executemany` as stored), and random `uid`s that landed every insert on a
+    different page of the unique index (they now lead with their time);
+  - `os.urandom` for every request id (a per-process prefix and a counter now).
+  What is left is spread over uvicorn (its per-request task, header validation by regex),
+  the stages (limits ~10 %, keys, cost, metrics, usage rows a few % each) and Python's own
+  call overhead; SQLite's own work is ~3 % of the instructions.
 """
 
 def _ms(v: float | None, digits: int = 2) -> str:
@@ -137,8 +163,9 @@ def _reasons(r: dict[str, Any], cpu: float | None, add1: float | None, dpeak: fl
             f"the start {load})" if cpu else ""),
         "throughput vs direct to upstream": (
             f"the fake answers pre-encoded bytes from raw asyncio; 40 % of it is {floor:.0f} µs per call "
-            "through the gateway, less than uvicorn + Starlette alone spend per request (the mock "
-            "provider, no upstream at all, costs ~80 µs); more workers scale it per core" if floor else ""),
+            f"through the gateway, while the bare gateway (no stage) spends {bare_cpu * 1000:.0f} µs of "
+            "CPU per call: parsing and answering HTTP in Python on both sides costs more than that "
+            "alone; more workers scale it per core" if floor and bare_cpu else ""),
         "streaming first token added": (
             f"the non-streaming added p50 at c1 is {_ms(add1, 3)} ms; the rest is the streaming path "
             "above the transport (the response and its disconnect watcher, the gateway's relay, the "
