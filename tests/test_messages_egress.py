@@ -101,6 +101,30 @@ def test_refusal_and_cached_usage() -> None:
     assert out["usage"] == {"input_tokens": 40, "output_tokens": 3, "cache_read_input_tokens": 60}
 
 
+PROMPT_CACHED = {"prompt_tokens": 1210, "completion_tokens": 3, "total_tokens": 1213,
+                 "prompt_tokens_details": {"cached_tokens": 1000, "cache_write_tokens": 200}}
+#: Anthropic's usage for PROMPT_CACHED: input_tokens is what neither read nor wrote the cache
+ANTHROPIC_CACHED = {"input_tokens": 10, "output_tokens": 3, "cache_creation_input_tokens": 200,
+                    "cache_read_input_tokens": 1000}
+
+
+def test_prompt_cache_reads_and_writes_in_a_whole_answer() -> None:
+    out = whole(completion({"role": "assistant", "content": "ok"}, "stop", PROMPT_CACHED))
+    assert out["usage"] == ANTHROPIC_CACHED
+    writes_only = {**PROMPT_CACHED, "prompt_tokens_details": {"cache_write_tokens": 200}}
+    out = whole(completion({"role": "assistant", "content": "ok"}, "stop", writes_only))
+    assert out["usage"] == {"input_tokens": 1010, "output_tokens": 3, "cache_creation_input_tokens": 200}
+
+
+def test_usage_round_trips_cache_writes_through_the_openai_shape() -> None:
+    usage = Usage(1210, 3, 1213, 1000, 200)
+    assert usage.to_openai() == PROMPT_CACHED
+    assert Usage.from_openai(usage.to_openai()) == usage
+    assert Usage(10, 3, 13, 0, 200).to_openai()["prompt_tokens_details"] == {
+        "cached_tokens": 0, "cache_write_tokens": 200}
+    assert "prompt_tokens_details" not in Usage(10, 3, 13).to_openai()
+
+
 @pytest.mark.parametrize(("status", "kind"), [
     (400, "invalid_request_error"), (401, "authentication_error"), (403, "permission_error"),
     (404, "not_found_error"), (413, "invalid_request_error"), (429, "rate_limit_error"),
@@ -212,6 +236,22 @@ async def test_a_replayed_whole_answer_streams_the_same() -> None:
     assert [n for n, _ in events] == ["message_start", "content_block_start", "content_block_delta",
                                       "content_block_stop", "message_delta", "message_stop"]
     assert events[-2][1]["usage"] == {"input_tokens": 11, "output_tokens": 7}
+
+
+async def test_prompt_cache_usage_in_message_start_and_message_delta() -> None:
+    """An upstream that counts the prompt before its first event (Anthropic's message_start):
+    message_start carries the prompt's split, message_delta the usage chunk's."""
+    call = make_call(stream=True)
+    call.usage = Usage(1210, 1, 1211, 1000, 200)
+    events = await run([chunk({"role": "assistant", "content": "ok"}), chunk({}, "stop"),
+                        chunk(usage=PROMPT_CACHED), sse.DONE], call)
+    check_order(events)
+    assert events[0][1]["message"]["usage"] == {**ANTHROPIC_CACHED, "output_tokens": 0}
+    assert events[-2][1]["usage"] == ANTHROPIC_CACHED
+    # no usage chunk (the client's include_usage was off upstream): the call's own usage
+    call.usage = Usage(1210, 3, 1213, 1000, 200)
+    events = await run([chunk({"role": "assistant", "content": "ok"}), chunk({}, "stop"), sse.DONE], call)
+    assert events[-2][1]["usage"] == ANTHROPIC_CACHED
 
 
 async def test_length_and_empty_streams() -> None:

@@ -50,17 +50,23 @@ class Usage:
         completion = _int(usage.get("completion_tokens"))
         total = _int(usage.get("total_tokens")) or prompt + completion
         details = usage.get("prompt_tokens_details")
-        cached = _int(details.get("cached_tokens")) if isinstance(details, dict) else 0
-        return cls(prompt, completion, total, cached)
+        if not isinstance(details, dict):
+            return cls(prompt, completion, total)
+        return cls(prompt, completion, total, _int(details.get("cached_tokens")),
+                   _int(details.get("cache_write_tokens")))
 
     def to_openai(self) -> dict[str, Any]:
+        """OpenAI's ``usage``; cache writes as ``prompt_tokens_details.cache_write_tokens``
+        (the openai SDK's field for them; OpenAI itself reports none)."""
         usage: dict[str, Any] = {
             "prompt_tokens": self.prompt_tokens,
             "completion_tokens": self.completion_tokens,
             "total_tokens": self.total_tokens,
         }
-        if self.cached_tokens:
-            usage["prompt_tokens_details"] = {"cached_tokens": self.cached_tokens}
+        if self.cached_tokens or self.cache_write_tokens:
+            details = usage["prompt_tokens_details"] = {"cached_tokens": self.cached_tokens}
+            if self.cache_write_tokens:
+                details["cache_write_tokens"] = self.cache_write_tokens
         return usage
 
 
