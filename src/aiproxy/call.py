@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import time
-from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Protocol
 
@@ -74,11 +73,26 @@ def _int(value: Any) -> int:
     return value if type(value) is int else 0
 
 
+class EgressWriter(Protocol):
+    """One stream's answer rewritten chunk by chunk (:meth:`Egress.writer`)."""
+
+    def feed(self, chunk: dict[str, Any]) -> bytes:
+        """The bytes to send for one OpenAI chunk, or for an ``{"error": {...}}`` object
+        (the stream failed: nothing is fed after it); ``b""`` for none."""
+        ...
+
+    def end(self) -> bytes:
+        """The bytes that end a stream that did not fail (where OpenAI sends ``[DONE]``)."""
+        ...
+
+
 class Egress(Protocol):
     """How answers are written for a client that speaks another wire format.
 
     The gateway works in OpenAI shape throughout; an ingress route for another API
     (``/v1/messages``) sets ``call.egress`` and gets each answer rewritten at the edge.
+    A stream's chunks reach the writer parsed: the gateway decodes each one once, for the
+    writer and for the answer it assembles at the end.
     """
 
     media_type: str
@@ -87,8 +101,8 @@ class Egress(Protocol):
         """The response body for a whole OpenAI-shaped answer."""
         ...
 
-    def stream(self, call: Call, events: AsyncIterator[bytes]) -> AsyncIterator[bytes]:
-        """Rewrite OpenAI SSE events (ending in ``[DONE]`` or an error event)."""
+    def writer(self, call: Call) -> EgressWriter:
+        """A writer for ``call``'s stream."""
         ...
 
     def error(self, error: ProxyError) -> bytes:

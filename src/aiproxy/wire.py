@@ -167,18 +167,19 @@ def tool_arguments(raw: Any, where: str) -> dict[str, Any]:
     return value
 
 
-def assemble(events: Sequence[bytes]) -> dict[str, Any] | None:
+def assemble(events: Sequence[bytes | dict[str, Any]]) -> dict[str, Any] | None:
     """The whole answer a stream of OpenAI SSE events adds up to (the inverse of
     :func:`replay_chunks`): content, refusal, reasoning (``reasoning_content`` or
     ``reasoning``), tool calls and logprobs joined per choice, the last finish reason, the
     usage chunk's usage, and the first ``system_fingerprint`` / ``service_tier``. None when
     no event held a chunk.
 
-    ``events`` are the gateway's outgoing events (``data: {...}\\n\\n``); ``[DONE]`` and
-    anything that is not a JSON object are skipped. The answer is shaped as a whole one
-    is: ``content`` is null beside tool calls or a refusal unless there was text, and
-    ``refusal`` is always there. ``id``, ``model`` and ``created`` are the first non-empty
-    ones (Azure leads with a chunk of empty ones holding its prompt filter results).
+    ``events`` are the gateway's outgoing events (``data: {...}\\n\\n``), or chunks it
+    has decoded already; ``[DONE]`` and anything that is not a JSON object are skipped.
+    The answer is shaped as a whole one is: ``content`` is null beside tool calls or a
+    refusal unless there was text, and ``refusal`` is always there. ``id``, ``model`` and
+    ``created`` are the first non-empty ones (Azure leads with a chunk of empty ones holding
+    its prompt filter results).
     """
     first: dict[str, Any] | None = None
     head: dict[str, Any] = {}
@@ -187,15 +188,18 @@ def assemble(events: Sequence[bytes]) -> dict[str, Any] | None:
     choices: dict[int, dict[str, Any]] = {}
     usage: Any = None
     for raw in events:
-        data = raw[6:] if raw.startswith(b"data: ") else raw
-        if data.startswith(b"[DONE]"):
-            continue
-        try:
-            chunk = orjson.loads(data)
-        except orjson.JSONDecodeError:
-            continue
-        if not isinstance(chunk, dict):
-            continue
+        if isinstance(raw, dict):  # decoded already
+            chunk = raw
+        else:
+            data = raw[6:] if raw.startswith(b"data: ") else raw
+            if data.startswith(b"[DONE]"):
+                continue
+            try:
+                chunk = orjson.loads(data)
+            except orjson.JSONDecodeError:
+                continue
+            if not isinstance(chunk, dict):
+                continue
         if first is None:
             first = chunk
         if len(head) < 3:

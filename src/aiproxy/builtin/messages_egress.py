@@ -20,13 +20,9 @@ from __future__ import annotations
 
 import logging
 import os
-from collections.abc import AsyncIterator
 from typing import TYPE_CHECKING, Any
 
-import anyio
 import orjson
-
-from aiproxy import sse
 
 if TYPE_CHECKING:
     from aiproxy.call import Call, Usage
@@ -187,26 +183,13 @@ class MessagesEgress:
     def error(self, error: ProxyError) -> bytes:
         return orjson.dumps(error_body(error_type(error.status), error.message))
 
-    async def stream(self, call: Call, events: AsyncIterator[bytes]) -> AsyncIterator[bytes]:
-        writer = _StreamWriter(call)
-        payloads = sse.data_events(events)
-        try:
-            async for data in payloads:  # read to the end: the relay finishes normally
-                out = writer.feed(data)
-                if out:  # what one upstream event became, in one write
-                    yield out[0] if len(out) == 1 else b"".join(out)
-        finally:
-            # Closing the gateway's relay runs its cleanup (upstream closed, after-call or
-            # on-error hooks) even when the client left mid-stream.
-            with anyio.CancelScope(shield=True):
-                for iterator in (payloads, events):
-                    aclose = getattr(iterator, "aclose", None)
-                    if aclose is not None:
-                        await aclose()
+    def writer(self, call: Call) -> StreamWriter:
+        return StreamWriter(call)
 
 
-class _StreamWriter:
-    """Turns OpenAI chunk payloads into Anthropic events, one call's stream at a time."""
+class StreamWriter:
+    """Turns OpenAI chunks into Anthropic events, one call's stream at a time
+    (:class:`aiproxy.call.EgressWriter`); what one chunk becomes goes out in one write."""
 
     def __init__(self, call: Call) -> None:
         self.call = call
@@ -220,35 +203,35 @@ class _StreamWriter:
         self.reason: tuple[str, str | None] = ("end_turn", None)
         self.usage: dict[str, int] | None = None
 
-    def feed(self, data: bytes) -> list[bytes]:
-        out: list[bytes] = []
+    def feed(self, chunk: dict[str, Any]) -> bytes:
         if self.ended:
-            return out
+            return b""
+        out: list[bytes] = []
         if not self.started:
             self.started = True
             out.append(self._start())
-        if data == b"[DONE]":
-            self._close(out)
-            out.append(self._end())
-            self.ended = True
-            return out
-        try:
-            chunk = orjson.loads(data)
-        except orjson.JSONDecodeError:
-            log.debug("messages: skipped a stream event that is not JSON")
-            return out
-        if not isinstance(chunk, dict):
-            return out
         if "error" in chunk:
             out.append(self._error(chunk["error"]))
             self.ended = True
-            return out
-        if isinstance(chunk.get("usage"), dict):
-            self.usage = usage(chunk["usage"])
-        for choice in chunk.get("choices") or []:
-            if isinstance(choice, dict) and choice.get("index", 0) == 0:
-                self._choice(choice, out)
-        return out
+        else:
+            if isinstance(chunk.get("usage"), dict):
+                self.usage = usage(chunk["usage"])
+            for choice in chunk.get("choices") or []:
+                if isinstance(choice, dict) and choice.get("index", 0) == 0:
+                    self._choice(choice, out)
+        return out[0] if len(out) == 1 else b"".join(out)
+
+    def end(self) -> bytes:
+        if self.ended:
+            return b""
+        out: list[bytes] = []
+        if not self.started:
+            self.started = True
+            out.append(self._start())
+        self._close(out)
+        out.append(self._end())
+        self.ended = True
+        return b"".join(out)
 
     # ------------------------------------------------------------ events
     def _start(self) -> bytes:
