@@ -21,6 +21,8 @@ import tempfile
 from functools import cache, lru_cache
 from typing import TYPE_CHECKING, Any
 
+from aiproxy.wire import REASONING
+
 if TYPE_CHECKING:
     from aiproxy.call import Call
 
@@ -176,7 +178,8 @@ def prompt_of(call: Call) -> int:
 
 
 def completion(response: dict[str, Any] | None, model: str = "") -> int:
-    """Estimated tokens of the text and tool calls in an OpenAI-shaped answer."""
+    """Estimated tokens of the text, reasoning and tool calls in an OpenAI-shaped answer
+    (reasoning is billed as completion tokens)."""
     if not response:
         return 0
     total = 0
@@ -188,6 +191,9 @@ def completion(response: dict[str, Any] | None, model: str = "") -> int:
         message = choice.get("message")
         if isinstance(message, dict):
             total += count(_text_of(message.get("content")), model)
+            for key in REASONING:
+                if isinstance(message.get(key), str):
+                    total += count(message[key], model)
             for call in message.get("tool_calls") or []:
                 function = call.get("function") if isinstance(call, dict) else None
                 if isinstance(function, dict):
