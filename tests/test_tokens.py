@@ -144,6 +144,14 @@ def test_completion_counts_reasoning_as_output():
         assert tokens.completion(answer) == 1 + 4
 
 
+def test_completion_counts_reasoning_sent_under_both_names_once():
+    """vLLM from 0.11.1 until it dropped the old name sends the same reasoning as both
+    ``reasoning`` and ``reasoning_content``: it was thought, and is billed, once."""
+    message = {"role": "assistant", "content": "abcd", "reasoning": "abcdefghijklmnop",
+               "reasoning_content": "abcdefghijklmnop"}
+    assert tokens.completion({"choices": [{"index": 0, "message": message}]}) == 1 + 4
+
+
 def test_max_completion_reads_what_the_request_allows():
     assert tokens.max_completion({"max_completion_tokens": 50, "max_tokens": 10}) == 50
     assert tokens.max_completion({"max_tokens": 10}) == 10

@@ -21,8 +21,6 @@ import tempfile
 from functools import cache, lru_cache
 from typing import TYPE_CHECKING, Any
 
-from aiproxy.wire import REASONING
-
 if TYPE_CHECKING:
     from aiproxy.call import Call
 
@@ -191,9 +189,10 @@ def completion(response: dict[str, Any] | None, model: str = "") -> int:
         message = choice.get("message")
         if isinstance(message, dict):
             total += count(_text_of(message.get("content")), model)
-            for key in REASONING:
-                if isinstance(message.get(key), str):
-                    total += count(message[key], model)
+            # the same text under either name: vLLM has sent it as both at once
+            reasoning = message.get("reasoning_content") or message.get("reasoning")
+            if isinstance(reasoning, str):
+                total += count(reasoning, model)
             for call in message.get("tool_calls") or []:
                 function = call.get("function") if isinstance(call, dict) else None
                 if isinstance(function, dict):
