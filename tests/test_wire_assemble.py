@@ -105,6 +105,18 @@ def test_logprobs_and_system_fingerprint_are_kept():
     assert answer["system_fingerprint"] == "fp_2"
 
 
+def test_the_fingerprint_of_a_stream_that_opens_without_one():
+    """Azure opens with a chunk of its prompt filter results alone; the others carry the
+    fingerprint (decoded chunks, as the gateway's relay keeps them, beside events)."""
+    azure = {"id": "", "object": "", "created": 0, "model": "", "choices": [],
+             "prompt_filter_results": [{"prompt_index": 0, "content_filter_results": {}}]}
+    events = [azure, chunk(delta(role="assistant", content="hi"), system_fingerprint="fp_az"),
+              orjson.loads(chunk(delta(finish="stop"), system_fingerprint="fp_az")[6:]), sse.DONE]
+    answer = wire.assemble(events)
+    assert answer["system_fingerprint"] == "fp_az" and "service_tier" not in answer
+    assert answer["choices"][0]["message"]["content"] == "hi"
+
+
 def test_several_choices_by_index_interleaved_and_the_usage_chunk():
     usage = {"prompt_tokens": 9, "completion_tokens": 4, "total_tokens": 13}
     events = [chunk(delta(1, role="assistant", content="")), chunk(delta(0, role="assistant", content="")),

@@ -171,8 +171,8 @@ def assemble(events: Sequence[bytes | dict[str, Any]]) -> dict[str, Any] | None:
     """The whole answer a stream of OpenAI SSE events adds up to (the inverse of
     :func:`replay_chunks`): content, refusal, reasoning (``reasoning_content`` or
     ``reasoning``), tool calls and logprobs joined per choice, the last finish reason, the
-    usage chunk's usage, and the first ``system_fingerprint`` / ``service_tier``. None when
-    no event held a chunk.
+    usage chunk's usage, and ``system_fingerprint`` / ``service_tier`` (every chunk repeats
+    them: the first chunk's, else the last's). None when no event held a chunk.
 
     ``events`` are the gateway's outgoing events (``data: {...}\\n\\n``), or chunks it
     has decoded already; ``[DONE]`` and anything that is not a JSON object are skipped.
@@ -183,7 +183,6 @@ def assemble(events: Sequence[bytes | dict[str, Any]]) -> dict[str, Any] | None:
     """
     first: dict[str, Any] | None = None
     head: dict[str, Any] = {}
-    extra: dict[str, Any] = {}
     text_mode: bool | None = None
     choices: dict[int, dict[str, Any]] = {}
     usage: Any = None
@@ -206,10 +205,6 @@ def assemble(events: Sequence[bytes | dict[str, Any]]) -> dict[str, Any] | None:
             for key in ("id", "created", "model"):
                 if key not in head and chunk.get(key):
                     head[key] = chunk[key]
-        if len(extra) < len(HEAD_EXTRAS):
-            for key in HEAD_EXTRAS:
-                if key not in extra and chunk.get(key) is not None:
-                    extra[key] = chunk[key]
         if text_mode is None and chunk.get("object"):
             text_mode = chunk["object"] == "text_completion"
         if chunk.get("usage") is not None:
@@ -226,8 +221,14 @@ def assemble(events: Sequence[bytes | dict[str, Any]]) -> dict[str, Any] | None:
     out["choices"] = [_finish_choice(c, bool(text_mode)) for _, c in sorted(choices.items())]
     if usage is not None:
         out["usage"] = usage
-    if extra:
-        out.update(extra)
+    # read off two chunks, not each one: Azure's first holds only its prompt filter results
+    last = chunk if isinstance(chunk, dict) else first  # the loop's last decoded one
+    for key in HEAD_EXTRAS:
+        value = first.get(key)
+        if value is None:
+            value = last.get(key)
+        if value is not None:
+            out[key] = value
     return out
 
 
