@@ -51,8 +51,9 @@ class Usage:
         details = usage.get("prompt_tokens_details")
         if not isinstance(details, dict):
             return cls(prompt, completion, total)
+        written = details.get("cache_write_tokens")  # OpenRouter's; never in OpenAI's own
         return cls(prompt, completion, total, _int(details.get("cached_tokens")),
-                   _int(details.get("cache_write_tokens")))
+                   _int(written) if written else 0)
 
     def to_openai(self) -> dict[str, Any]:
         """OpenAI's ``usage``; cache writes as ``prompt_tokens_details.cache_write_tokens``
