@@ -111,6 +111,21 @@ def test_cached_prompt_tokens(proxy: Proxy, client: openai.OpenAI) -> None:
     assert r.usage.prompt_tokens_details is not None and r.usage.prompt_tokens_details.cached_tokens == 100
 
 
+def test_prompt_cache_writes_in_openai_usage(proxy: Proxy, client: openai.OpenAI) -> None:
+    """Tokens written to Anthropic's prompt cache are in prompt_tokens and, apart, in
+    ``prompt_tokens_details.cache_write_tokens`` (the openai SDK's own field), whole and streamed."""
+    messages: Any = [{"role": "user", "content": "one two"}]
+    with proxy.fake.configured(cache_read=100, cache_write=40):
+        whole = client.chat.completions.create(model="claude-fake", messages=messages)
+        chunks = list(client.chat.completions.create(model="claude-fake", messages=messages, stream=True,
+                                                     stream_options={"include_usage": True}))
+    streamed = chunks[-1].usage
+    for usage in (whole.usage, streamed):
+        assert usage is not None and usage.prompt_tokens == 142
+        details = usage.prompt_tokens_details
+        assert details is not None and (details.cached_tokens, details.cache_write_tokens) == (100, 40)
+
+
 def test_tool_call_round_trip(proxy: Proxy, client: openai.OpenAI) -> None:
     messages: list[Any] = [{"role": "user", "content": "What is the weather in Paris?"}]
     first = client.chat.completions.create(model="claude-fake", messages=messages, tools=[WEATHER])  # type: ignore[list-item]

@@ -160,7 +160,7 @@ async def test_plain_chat_request_and_answer(gateway: Gateway) -> None:
         "role": "assistant", "content": "Hello! How can I help you today?", "refusal": None}}]
     # input 12 + cache read 2000 + cache write 100
     assert body["usage"] == {"prompt_tokens": 2112, "completion_tokens": 10, "total_tokens": 2122,
-                             "prompt_tokens_details": {"cached_tokens": 2000}}
+                             "prompt_tokens_details": {"cached_tokens": 2000, "cache_write_tokens": 100}}
 
 
 async def test_usage_is_exact_for_the_gateway(gateway: Gateway) -> None:
@@ -172,8 +172,8 @@ async def test_usage_is_exact_for_the_gateway(gateway: Gateway) -> None:
         assert r.is_success
     usage = finished.calls[0].usage
     assert usage is not None
-    assert (usage.prompt_tokens, usage.completion_tokens, usage.total_tokens, usage.cached_tokens) == \
-        (2112, 10, 2122, 2000)
+    assert (usage.prompt_tokens, usage.completion_tokens, usage.total_tokens, usage.cached_tokens,
+            usage.cache_write_tokens) == (2112, 10, 2122, 2000, 100)
 
 
 async def test_system_developer_and_turns(gateway: Gateway) -> None:
@@ -445,14 +445,15 @@ async def test_stream_text(gateway: Gateway, include_usage: bool) -> None:
     assert "".join(c["choices"][0]["delta"].get("content") or "" for c in with_choices) == "Hello, world!"
     assert [c["choices"][0]["finish_reason"] for c in with_choices][-1] == "stop"
     usage = {"prompt_tokens": 36, "completion_tokens": 15, "total_tokens": 51,
-             "prompt_tokens_details": {"cached_tokens": 8}}
+             "prompt_tokens_details": {"cached_tokens": 8, "cache_write_tokens": 3}}
     if include_usage:
         assert got[-1]["choices"] == [] and got[-1]["usage"] == usage
     else:
         assert all("usage" not in c for c in got)
     exact = finished.calls[0].usage
     assert exact is not None
-    assert (exact.prompt_tokens, exact.completion_tokens, exact.cached_tokens) == (36, 15, 8)
+    assert (exact.prompt_tokens, exact.completion_tokens, exact.cached_tokens, exact.cache_write_tokens) == \
+        (36, 15, 8, 3)
 
 
 async def test_stream_tool_calls_keep_their_indexes(gateway: Gateway) -> None:

@@ -18,6 +18,7 @@ import openai
 import pytest
 
 from tests.fakes import FakeOpenAI
+from tests.fakes.server import spaced
 from tests.helpers import started_proxy
 from tests.metrics_support import Scrape
 
@@ -188,3 +189,128 @@ def test_a_streaming_duplicate_gets_its_first_token_while_the_leader_streams(
             assert not first.completed, "the leader's upstream call is over: it was waited for"
     assert took < 2.0, took
     assert len(proxy.fake.with_text(marker)) == 2
+
+
+# ---------------------------------------------------------------- what a replay carries
+@dataclass
+class Read:
+    """What a client reading a chat stream's deltas gets."""
+
+    content: str
+    reasoning: str
+    refusal: str
+    tool_calls: list[tuple[str, str, str]]  # (id, name, arguments), by index
+    logprobs: list[str]  # the tokens
+    finish: list[str]
+    fingerprints: set[str]
+    usage: Any
+
+
+def _read_all(stream: Any) -> Read:
+    content, reasoning, refusal, tokens, finish = [], [], [], [], []
+    calls: dict[int, list[str]] = {}
+    fingerprints, usage = set(), None
+    for c in stream:
+        fingerprints.add(c.system_fingerprint)
+        usage = c.usage or usage
+        for choice in c.choices:
+            d = choice.delta
+            content.append(d.content or "")
+            reasoning.append(getattr(d, "reasoning_content", None) or "")
+            refusal.append(d.refusal or "")
+            for tc in d.tool_calls or []:
+                slot = calls.setdefault(tc.index, ["", "", ""])
+                slot[0] += tc.id or ""
+                slot[1] += tc.function.name or "" if tc.function else ""
+                slot[2] += tc.function.arguments or "" if tc.function else ""
+            if choice.logprobs and choice.logprobs.content:
+                tokens += [t.token for t in choice.logprobs.content]
+            if choice.finish_reason:
+                finish.append(choice.finish_reason)
+    return Read("".join(content), "".join(reasoning), "".join(refusal),
+                [(i, n, a) for _, (i, n, a) in sorted(calls.items())], tokens, finish, fingerprints, usage)
+
+
+def _miss_then_hit(proxy: Proxy, client: openai.OpenAI, script: list[dict[str, Any]]) -> tuple[Read, Read]:
+    marker, messages = _messages()
+    args: dict[str, Any] = {"model": "gpt-fake", "messages": messages, "temperature": 0, "stream": True,
+                            "stream_options": {"include_usage": True}}
+    with proxy.fake.configured(script=script):
+        first = client.chat.completions.with_raw_response.create(**args)
+        assert first.headers["x-aiproxy-cache"] == "miss"
+        original = _read_all(first.parse())
+    again = client.chat.completions.with_raw_response.create(**args)
+    assert again.headers["x-aiproxy-cache"] == "hit"
+    assert len(proxy.fake.with_text(marker)) == 1
+    return original, _read_all(again.parse())
+
+
+def _pieces(text: str, size: int) -> list[str]:
+    return [text[i:i + size] for i in range(0, len(text), size)]
+
+
+def test_a_replayed_stream_carries_reasoning_tool_calls_and_the_fingerprint(
+        proxy: Proxy, client: openai.OpenAI) -> None:
+    """DeepSeek-style reasoning deltas, text, then two tool calls whose arguments come in
+    many pieces: the stream replayed from the cache reads the same."""
+    first_args, second_args = '{"city": "Paris", "unit": "celsius"}', '{"tz": "Europe/Paris"}'
+    script: list[dict[str, Any]] = [{"delta": {"role": "assistant", "content": "", "reasoning_content": ""}}]
+    script += [{"delta": {"reasoning_content": p}} for p in spaced("The user wants weather and time".split())]
+    script += [{"delta": {"content": p}} for p in spaced("Let me look both up.".split())]
+    for i, (call_id, name, arguments) in enumerate([("call_w", "get_weather", first_args),
+                                                     ("call_t", "get_time", second_args)]):
+        script.append({"delta": {"tool_calls": [{"index": i, "id": call_id, "type": "function",
+                                                 "function": {"name": name, "arguments": ""}}]}})
+        script += [{"delta": {"tool_calls": [{"index": i, "function": {"arguments": p}}]}}
+                   for p in _pieces(arguments, 4)]
+    script.append({"delta": {}, "finish_reason": "tool_calls"})
+    original, replayed = _miss_then_hit(proxy, client, script)
+    assert original.reasoning == "The user wants weather and time"
+    assert original.content == "Let me look both up."
+    assert original.tool_calls == [("call_w", "get_weather", first_args), ("call_t", "get_time", second_args)]
+    assert original.fingerprints == {"fp_fake"} and original.finish == ["tool_calls"]
+    assert replayed == original
+
+
+def test_a_replayed_refusal_reads_the_same(proxy: Proxy, client: openai.OpenAI) -> None:
+    script: list[dict[str, Any]] = [{"delta": {"role": "assistant", "content": None, "refusal": ""}}]
+    script += [{"delta": {"refusal": p}} for p in spaced("I can't help with that.".split())]
+    script.append({"delta": {}, "finish_reason": "stop"})
+    original, replayed = _miss_then_hit(proxy, client, script)
+    assert original.refusal == "I can't help with that." and original.content == ""
+    assert replayed == original
+
+
+def test_a_long_reasoning_stream_folded_on_the_way_replays_whole(proxy: Proxy, client: openai.OpenAI) -> None:
+    """Far past the gateway's fold (every 128 events): the stored answer is all of it."""
+    thoughts = [f"thought{n} " for n in range(400)]
+    words = [f"word{n} " for n in range(300)]
+    script: list[dict[str, Any]] = [{"delta": {"role": "assistant", "content": ""}}]
+    script += [{"delta": {"reasoning_content": t}} for t in thoughts]
+    script += [{"delta": {"content": w}} for w in words]
+    script.append({"delta": {}, "finish_reason": "stop"})
+    original, replayed = _miss_then_hit(proxy, client, script)
+    assert (original.reasoning, original.content) == ("".join(thoughts), "".join(words))
+    assert replayed == original
+
+
+def test_the_anthropic_sdk_gets_replayed_reasoning_as_thinking(proxy: Proxy) -> None:
+    """Through translation and the cache: a client that turned thinking on reads the same
+    thinking and text blocks from the replayed stream as from the original."""
+    marker, _ = _messages()
+    script: list[dict[str, Any]] = [{"delta": {"role": "assistant", "content": ""}}]
+    script += [{"delta": {"reasoning_content": p}} for p in spaced("First I consider it".split())]
+    script += [{"delta": {"content": p}} for p in spaced("The answer is 4.".split())]
+    script.append({"delta": {}, "finish_reason": "stop"})
+    args: dict[str, Any] = {"model": "gpt-fake", "max_tokens": 2000, "extra_body": {"temperature": 0},
+                            "thinking": {"type": "enabled", "budget_tokens": 1024},
+                            "messages": [{"role": "user", "content": f"Think, {marker}"}]}
+    with anthropic.Anthropic(base_url=proxy.url, api_key=MASTER_KEY, max_retries=0, timeout=15.0) as client:
+        with proxy.fake.configured(script=script), client.messages.stream(**args) as stream:
+            original = stream.get_final_message()
+        with client.messages.stream(**args) as stream:
+            replayed = stream.get_final_message()
+    assert [(b.type, getattr(b, "thinking", None) or getattr(b, "text", None)) for b in original.content] == [
+        ("thinking", "First I consider it"), ("text", "The answer is 4.")]
+    assert [b.model_dump() for b in replayed.content] == [b.model_dump() for b in original.content]
+    assert len(proxy.fake.with_text(marker)) == 1

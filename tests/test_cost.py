@@ -108,6 +108,21 @@ async def test_openai_whole_answer_with_cached_prompt_tokens(gateway):
     assert "cost_unpriced" not in call.metadata
 
 
+async def test_cache_writes_an_openai_compatible_upstream_reports_are_priced_apart(gateway):
+    # OpenRouter-style usage in front of a Claude model: prompt_tokens_details.cache_write_tokens.
+    # 1210 prompt (1000 read, 200 written), 10 completion at $3 / $0.30 read / $3.75 write / $15:
+    # 10 x 3 + 1000 x 0.30 + 200 x 3.75 + 10 x 15 = 30 + 300 + 750 + 150 = 1230 per million
+    models = [{"name": "routed-claude", "provider": "openai", "model": "anthropic/claude-sonnet-4.5",
+               "price": {"input": 3, "output": 15, "cached_input": 0.3, "cache_write": 3.75}}]
+    usage = {"prompt_tokens": 1210, "completion_tokens": 10, "total_tokens": 1220,
+             "prompt_tokens_details": {"cached_tokens": 1000, "cache_write_tokens": 200}}
+    r, call = await run(gateway, config(models), lambda up: up.post(CHAT_URL).respond(
+        200, json=openai_answer(usage)), {**CHAT, "model": "routed-claude"})
+    assert call.usage is not None and call.usage.cache_write_tokens == 200
+    assert r.headers["x-aiproxy-cost"] == "0.00123"
+    assert r.json()["usage"] == usage  # relayed as the upstream sent it
+
+
 async def test_openai_stream_cost_is_in_the_call_not_a_header(gateway):
     # 2000 prompt (500 cached), 300 completion on gpt-4o-mini:
     # 1500 x 0.15 + 500 x 0.075 + 300 x 0.60 = 225 + 37.5 + 180 = 442.5 per million

@@ -161,6 +161,27 @@ def test_count_tokens(client: anthropic.Anthropic, model: str) -> None:
     assert counted.input_tokens == created.usage.input_tokens
 
 
+def test_prompt_cache_usage_from_a_claude_upstream(proxy: Proxy, client: anthropic.Anthropic) -> None:
+    """Anthropic's prompt-cache counts reach the client as Anthropic sent them, in a whole
+    answer and in a stream's message_start and final usage: input_tokens is the uncached rest."""
+    request: dict[str, Any] = {"model": TARGETS["anthropic"], "max_tokens": 32,
+                               "messages": [{"role": "user", "content": f"cached prompt {_marker()}"}]}
+    with proxy.anthropic_fake.configured(cache_read=1000, cache_write=200):
+        whole = client.messages.create(**request)
+        with client.messages.stream(**request) as stream:
+            start = next(iter(stream))
+            final = stream.get_final_message()
+    expected = (3, 1000, 200)  # the fake counts the prompt's three words
+    got = whole.usage
+    assert (got.input_tokens, got.cache_read_input_tokens, got.cache_creation_input_tokens) == expected
+    assert start.type == "message_start"
+    got = start.message.usage
+    assert (got.input_tokens, got.cache_read_input_tokens, got.cache_creation_input_tokens) == expected
+    got = final.usage
+    assert (got.input_tokens, got.cache_read_input_tokens, got.cache_creation_input_tokens) == expected
+    assert final.usage.output_tokens == whole.usage.output_tokens > 0
+
+
 # ---------------------------------------------------------------- what reaches the upstream
 def test_image_and_sampling_reach_an_openai_upstream(proxy: Proxy, client: anthropic.Anthropic) -> None:
     marker = _marker()

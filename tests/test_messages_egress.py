@@ -7,7 +7,6 @@ against the protocol (one block open at a time, indexes in order, ``message_stop
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator
 from typing import Any
 
 import orjson
@@ -101,6 +100,30 @@ def test_refusal_and_cached_usage() -> None:
     assert out["usage"] == {"input_tokens": 40, "output_tokens": 3, "cache_read_input_tokens": 60}
 
 
+PROMPT_CACHED = {"prompt_tokens": 1210, "completion_tokens": 3, "total_tokens": 1213,
+                 "prompt_tokens_details": {"cached_tokens": 1000, "cache_write_tokens": 200}}
+#: Anthropic's usage for PROMPT_CACHED: input_tokens is what neither read nor wrote the cache
+ANTHROPIC_CACHED = {"input_tokens": 10, "output_tokens": 3, "cache_creation_input_tokens": 200,
+                    "cache_read_input_tokens": 1000}
+
+
+def test_prompt_cache_reads_and_writes_in_a_whole_answer() -> None:
+    out = whole(completion({"role": "assistant", "content": "ok"}, "stop", PROMPT_CACHED))
+    assert out["usage"] == ANTHROPIC_CACHED
+    writes_only = {**PROMPT_CACHED, "prompt_tokens_details": {"cache_write_tokens": 200}}
+    out = whole(completion({"role": "assistant", "content": "ok"}, "stop", writes_only))
+    assert out["usage"] == {"input_tokens": 1010, "output_tokens": 3, "cache_creation_input_tokens": 200}
+
+
+def test_usage_round_trips_cache_writes_through_the_openai_shape() -> None:
+    usage = Usage(1210, 3, 1213, 1000, 200)
+    assert usage.to_openai() == PROMPT_CACHED
+    assert Usage.from_openai(usage.to_openai()) == usage
+    assert Usage(10, 3, 13, 0, 200).to_openai()["prompt_tokens_details"] == {
+        "cached_tokens": 0, "cache_write_tokens": 200}
+    assert "prompt_tokens_details" not in Usage(10, 3, 13).to_openai()
+
+
 @pytest.mark.parametrize(("status", "kind"), [
     (400, "invalid_request_error"), (401, "authentication_error"), (403, "permission_error"),
     (404, "not_found_error"), (413, "invalid_request_error"), (429, "rate_limit_error"),
@@ -122,14 +145,12 @@ def chunk(delta: dict[str, Any] | None = None, finish: str | None = None,
 USAGE = {"prompt_tokens": 9, "completion_tokens": 4, "total_tokens": 13}
 
 
-async def feed(events: list[bytes]) -> AsyncIterator[bytes]:
-    for e in events:
-        yield e
-
-
 async def run(events: list[bytes], call: Call | None = None) -> list[tuple[str, dict[str, Any]]]:
-    """The Anthropic events for ``events``, each checked against the SDK's types."""
-    raw = b"".join([piece async for piece in EGRESS.stream(call or make_call(stream=True), feed(events))])
+    """The Anthropic events for the gateway's OpenAI ``events`` (decoded, as the gateway
+    hands them to the writer), each checked against the SDK's types."""
+    writer = EGRESS.writer(call or make_call(stream=True))
+    raw = b"".join(writer.end() if e == sse.DONE else writer.feed(orjson.loads(e.removeprefix(b"data: ")))
+                   for e in events)
     out = []
     for block in raw.decode().split("\n\n"):
         if not block:
@@ -214,6 +235,22 @@ async def test_a_replayed_whole_answer_streams_the_same() -> None:
     assert events[-2][1]["usage"] == {"input_tokens": 11, "output_tokens": 7}
 
 
+async def test_prompt_cache_usage_in_message_start_and_message_delta() -> None:
+    """An upstream that counts the prompt before its first event (Anthropic's message_start):
+    message_start carries the prompt's split, message_delta the usage chunk's."""
+    call = make_call(stream=True)
+    call.usage = Usage(1210, 1, 1211, 1000, 200)
+    events = await run([chunk({"role": "assistant", "content": "ok"}), chunk({}, "stop"),
+                        chunk(usage=PROMPT_CACHED), sse.DONE], call)
+    check_order(events)
+    assert events[0][1]["message"]["usage"] == {**ANTHROPIC_CACHED, "output_tokens": 0}
+    assert events[-2][1]["usage"] == ANTHROPIC_CACHED
+    # no usage chunk (the client's include_usage was off upstream): the call's own usage
+    call.usage = Usage(1210, 3, 1213, 1000, 200)
+    events = await run([chunk({"role": "assistant", "content": "ok"}), chunk({}, "stop"), sse.DONE], call)
+    assert events[-2][1]["usage"] == ANTHROPIC_CACHED
+
+
 async def test_length_and_empty_streams() -> None:
     cut = await run([chunk({"content": "a"}), chunk({}, "length"), sse.DONE])
     check_order(cut)
@@ -233,26 +270,6 @@ async def test_an_error_after_the_first_event_ends_the_stream(error: ProxyError,
     events = await run([chunk({"content": "par"}), sse.error_event(error.body())])
     assert [n for n, _ in events] == ["message_start", "content_block_start", "content_block_delta", "error"]
     assert events[-1][1] == {"type": "error", "error": {"type": kind, "message": error.message}}
-
-
-async def test_closing_the_stream_early_closes_the_gateway_relay() -> None:
-    """A client that leaves mid-stream: the relay's cleanup (after-call hooks, the upstream
-    response) must still run."""
-    closed = []
-
-    async def relay() -> AsyncIterator[bytes]:
-        try:
-            yield chunk({"content": "a"})
-            yield chunk({"content": "b"})
-            yield sse.DONE
-        finally:
-            closed.append(True)
-
-    stream = EGRESS.stream(make_call(stream=True), relay())
-    first = await anext(stream)
-    assert first.startswith(b"event: message_start")
-    await stream.aclose()  # type: ignore[attr-defined]
-    assert closed == [True]
 
 
 # ---------------------------------------------------------------- thinking

@@ -119,6 +119,49 @@ async def test_stream_through_an_openai_upstream(gateway: Callable[..., Any]) ->
     assert sent["stream"] is True and sent["stream_options"] == {"include_usage": True}
 
 
+@pytest.mark.parametrize("cached", [False, True])
+async def test_a_long_stream_decodes_each_chunk_once(gateway: Callable[..., Any],
+                                                     monkeypatch: pytest.MonkeyPatch, cached: bool) -> None:
+    """The gateway decodes each chunk once for the Anthropic events and for the answer it
+    assembles (folded every 128 events; whole at the end when the cache asks for it).
+    Before: the egress and the assembly each decoded every chunk."""
+    base = {"id": "c", "object": "chat.completion.chunk", "created": 1, "model": "gpt-4o-mini"}
+    words = [f" w{n}" for n in range(400)]
+    stream = sse_body(*[{**base, "choices": [{"index": 0, "delta": {"content": w}, "finish_reason": None}]}
+                        for w in words],
+                      {**base, "choices": [{"index": 0, "delta": {}, "finish_reason": "stop"}]},
+                      {**base, "choices": [], "usage": {"prompt_tokens": 8, "completion_tokens": 400,
+                                                        "total_tokens": 408}})
+    decoded = []
+    loads = orjson.loads
+
+    def counting(data: Any) -> Any:
+        decoded.append(data)
+        return loads(data)
+
+    config = make_config(cache={"enabled": cached})
+    async with gateway(config) as (http, upstream):
+        upstream.post(CHAT_URL).respond(200, content=stream, headers={"content-type": "text/event-stream"})
+        body = {**MESSAGES, "stream": True, "temperature": 0}
+        monkeypatch.setattr(orjson, "loads", counting)
+        r = await http.post("/v1/messages", json=body)
+        monkeypatch.undo()
+        assert r.status_code == 200
+        if cached:  # the whole answer was stored: a hit replays it the same
+            hit = await http.post("/v1/messages", json=body)
+            assert hit.headers["x-aiproxy-cache"] == "hit"
+            assert _text_of(hit) == "".join(words)
+    assert _text_of(r) == "".join(words)
+    # the request body aside, each chunk once; the OpenAI provider also reads the usage chunk
+    chunks = [d for d in decoded if isinstance(d, bytes) and d.startswith(b'{"id":"c"')
+              and b'"usage"' not in d]
+    assert len(chunks) == len(set(chunks)) == len(words) + 1
+
+
+def _text_of(r: httpx.Response) -> str:
+    return "".join(d["delta"]["text"] for n, d in parse_events(r.text) if n == "content_block_delta")
+
+
 async def test_stream_from_the_mock_provider(gateway: Callable[..., Any]) -> None:
     async with gateway() as (http, _):
         r = await http.post("/v1/messages", json={**MESSAGES, "model": "mock-claude", "stream": True,

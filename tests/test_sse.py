@@ -190,3 +190,11 @@ async def test_event_stream_sends_head_events_and_end_in_order() -> None:
     assert (b"x-request-id", b"r1") in sent[0]["headers"]
     assert [m.get("body") for m in sent[1:]] == [b"data: 1\n\n", sse.DONE, b""]
     assert sent[-1]["more_body"] is False
+
+
+@pytest.mark.parametrize("raw", [
+    b'data: {"n":1}\n\n', STREAM, b'data: {"n":1}\r\n\r\ndata: {"n":2}\r\n\r\n', b"data: a\ndata: b\n\n",
+    b": keep-alive\n\n", b"data: [DONE]\n\n", b'event: x\ndata: {"n":3}\n\n',
+])
+async def test_payloads_of_whole_events_are_what_data_events_reads(raw: bytes) -> None:
+    assert sse.payloads(raw) == await events(raw)

@@ -229,12 +229,13 @@ class Dribble:
         return httpx.Response(200, headers=SSE_HEADERS, content=body())
 
 
-async def _leave_after(app, body: dict[str, Any], chunks_seen: int) -> list[dict]:
+async def _leave_after(app, body: dict[str, Any], chunks_seen: int,
+                       path: str = "/v1/chat/completions") -> list[dict]:
     """Drive the ASGI app as a server would; the client leaves after ``chunks_seen`` body chunks."""
     raw = orjson.dumps(body)
     scope = {"type": "http", "asgi": {"version": "3.0", "spec_version": "2.3"}, "http_version": "1.1",
-             "method": "POST", "scheme": "http", "path": "/v1/chat/completions",
-             "raw_path": b"/v1/chat/completions", "query_string": b"", "root_path": "",
+             "method": "POST", "scheme": "http", "path": path,
+             "raw_path": path.encode(), "query_string": b"", "root_path": "",
              "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(raw)).encode())],
              "server": ("127.0.0.1", 8000), "client": ("127.0.0.1", 5000), "state": {}}
     request = [{"type": "http.request", "body": raw, "more_body": False}]
@@ -256,21 +257,26 @@ async def _leave_after(app, body: dict[str, Any], chunks_seen: int) -> list[dict
     return sent
 
 
-async def test_a_client_that_leaves_midstream_is_charged_for_what_was_sent():
+@pytest.mark.parametrize("path", ["/v1/chat/completions", "/v1/messages"])
+async def test_a_client_that_leaves_midstream_is_charged_for_what_was_sent(path: str):
+    """/v1/messages too: its Anthropic events are written by the same relay, whose cleanup
+    (the upstream closed, the settle step, the after-call stages) runs when the client leaves."""
     upstream = Dribble("aaaa", "bbbb", "cccc")
     stage = Stage(collect=True)
     cfg = make_config()
     app = create_app(cfg, transport=httpx.MockTransport(upstream.handler),
                      plugin_manager=with_plugins(cfg, settle_stage=stage))
+    body = {**CHAT, "stream": True, **({"max_tokens": 100} if path == "/v1/messages" else {})}
     async with app.router.lifespan_context(app):
-        sent = await _leave_after(app, {**CHAT, "stream": True}, chunks_seen=3)
+        sent = await _leave_after(app, body, chunks_seen=3, path=path)
         await asyncio.wait_for(upstream.closed.wait(), 5)  # the upstream was closed, not left running
     bodies = [m["body"] for m in sent if m.get("body")]
-    assert len(bodies) == 3 and sse.DONE not in bodies
+    assert len(bodies) == 3 and sse.DONE not in bodies and b"message_stop" not in b"".join(bodies)
     [seen] = stage.after
     assert seen["metadata"]["client_disconnected"] is True
     assert seen["metadata"]["usage_estimated"] is True
-    assert seen["usage"] == Usage(PROMPT, 3, PROMPT + 3)  # "aaaabbbbcccc": only what went out
+    prompt = seen["usage"].prompt_tokens  # the Anthropic request translated counts its own
+    assert prompt > 0 and seen["usage"] == Usage(prompt, 3, prompt + 3)  # "aaaabbbbcccc": only what went out
     assert seen["response"]["choices"][0]["message"]["content"] == "aaaabbbbcccc"
     assert stage.stored == []  # a cut answer is never stored
 

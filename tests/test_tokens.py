@@ -136,6 +136,22 @@ def test_completion_counts_text_and_tool_calls_of_every_choice():
     assert tokens.completion({"choices": None}) == 0
 
 
+def test_completion_counts_reasoning_as_output():
+    """A reasoning model's stream cut short is estimated with what it had thought so far."""
+    for key in ("reasoning_content", "reasoning"):
+        answer = {"choices": [{"index": 0, "message": {"role": "assistant", "content": "abcd",  # 1
+                                                       key: "abcdefghijklmnop"}}]}  # 16 bytes: 4
+        assert tokens.completion(answer) == 1 + 4
+
+
+def test_completion_counts_reasoning_sent_under_both_names_once():
+    """vLLM from 0.11.1 until it dropped the old name sends the same reasoning as both
+    ``reasoning`` and ``reasoning_content``: it was thought, and is billed, once."""
+    message = {"role": "assistant", "content": "abcd", "reasoning": "abcdefghijklmnop",
+               "reasoning_content": "abcdefghijklmnop"}
+    assert tokens.completion({"choices": [{"index": 0, "message": message}]}) == 1 + 4
+
+
 def test_max_completion_reads_what_the_request_allows():
     assert tokens.max_completion({"max_completion_tokens": 50, "max_tokens": 10}) == 50
     assert tokens.max_completion({"max_tokens": 10}) == 10

@@ -294,6 +294,17 @@ def test_enabled_reads_as_yaml_and_the_environment_write_it(value: Any, enabled:
     assert UsageLogs(make_config(usage={"enabled": value})).enabled is enabled
 
 
+def test_a_rows_metadata_has_the_prompt_cache_reads_and_writes() -> None:
+    from aiproxy.call import Usage
+
+    call = Call(request_id="r", operation="chat", body={}, model="claude", stream=False, headers=Headers())
+    call.usage = Usage(1210, 3, 1213, 1000, 200)
+    meta = usage_rows.from_call(call, None)["meta"]
+    assert (meta["cached_tokens"], meta["cache_write_tokens"]) == (1000, 200)
+    call.usage = Usage(10, 3, 13)
+    assert not {"cached_tokens", "cache_write_tokens"} & set(usage_rows.from_call(call, None)["meta"])
+
+
 class OddMetadata:
     """A plugin's metadata JSON has no spelling for as it is: a dict keyed by numbers."""
 

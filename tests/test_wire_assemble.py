@@ -65,6 +65,58 @@ def test_a_refusal_is_joined_and_its_content_is_null():
     assert message == {"role": "assistant", "content": None, "refusal": "I can't help with that."}
 
 
+def test_reasoning_deltas_are_joined_and_replayed():
+    """DeepSeek (and the gateway's Ollama, Gemini, Anthropic providers) stream the reasoning
+    as reasoning_content deltas; vLLM and OpenRouter as reasoning."""
+    for key in ("reasoning_content", "reasoning"):
+        events = [chunk(delta(role="assistant", content="", **{key: ""})),
+                  chunk(delta(**{key: "Two plus "})), chunk(delta(**{key: "two is four."})),
+                  chunk(delta(content="4")), chunk(delta(finish="stop"))]
+        answer = wire.assemble(events)
+        assert answer["choices"][0]["message"] == {"role": "assistant", "content": "4", "refusal": None,
+                                                   key: "Two plus two is four."}
+        replayed = [c["choices"][0]["delta"] for c in wire.replay_chunks(answer, False)]
+        assert replayed[0] == {"role": "assistant", "content": "4", key: "Two plus two is four."}
+
+
+def test_logprobs_and_system_fingerprint_are_kept():
+    tokens = [{"token": t, "logprob": -0.5, "bytes": None, "top_logprobs": []} for t in ("Hel", "lo", "!")]
+    first = {**delta(role="assistant", content="Hel"), "logprobs": {"content": tokens[:1], "refusal": None}}
+    events = [sse.event({**HEAD, "system_fingerprint": "fp_1", "choices": [first]}),
+              sse.event({**HEAD, "system_fingerprint": "fp_1", "choices": [
+                  {**delta(content="lo!"), "logprobs": {"content": tokens[1:], "refusal": None}}]}),
+              sse.event({**HEAD, "system_fingerprint": "fp_1", "choices": [delta(finish="stop")]})]
+    answer = wire.assemble(events)
+    assert answer["system_fingerprint"] == "fp_1"
+    assert answer["choices"][0]["logprobs"] == {"content": tokens, "refusal": None}
+    replayed = list(wire.replay_chunks(answer, False))
+    assert {c["system_fingerprint"] for c in replayed} == {"fp_1"}
+    assert replayed[0]["choices"][0]["logprobs"] == {"content": tokens, "refusal": None}
+    text = [sse.event({**wire.text_chunk(id="cmpl-1", model="m", created=1, text=t),
+                       "system_fingerprint": "fp_2"}) for t in ("a", "b")]
+    for i, event in enumerate(text):  # a text completion's logprobs: parallel lists
+        data = orjson.loads(event[6:])
+        data["choices"][0]["logprobs"] = {"tokens": ["ab"[i]], "token_logprobs": [-1.0 * i],
+                                          "top_logprobs": [{}], "text_offset": [i]}
+        text[i] = sse.event(data)
+    answer = wire.assemble(text)
+    assert answer["choices"][0]["logprobs"] == {"tokens": ["a", "b"], "token_logprobs": [-0.0, -1.0],
+                                                "top_logprobs": [{}, {}], "text_offset": [0, 1]}
+    assert answer["system_fingerprint"] == "fp_2"
+
+
+def test_the_fingerprint_of_a_stream_that_opens_without_one():
+    """Azure opens with a chunk of its prompt filter results alone; the others carry the
+    fingerprint (decoded chunks, as the gateway's relay keeps them, beside events)."""
+    azure = {"id": "", "object": "", "created": 0, "model": "", "choices": [],
+             "prompt_filter_results": [{"prompt_index": 0, "content_filter_results": {}}]}
+    events = [azure, chunk(delta(role="assistant", content="hi"), system_fingerprint="fp_az"),
+              orjson.loads(chunk(delta(finish="stop"), system_fingerprint="fp_az")[6:]), sse.DONE]
+    answer = wire.assemble(events)
+    assert answer["system_fingerprint"] == "fp_az" and "service_tier" not in answer
+    assert answer["choices"][0]["message"]["content"] == "hi"
+
+
 def test_several_choices_by_index_interleaved_and_the_usage_chunk():
     usage = {"prompt_tokens": 9, "completion_tokens": 4, "total_tokens": 13}
     events = [chunk(delta(1, role="assistant", content="")), chunk(delta(0, role="assistant", content="")),
@@ -139,6 +191,12 @@ _tool_call = st.fixed_dictionaries({"id": _name.map("call_".__add__), "type": st
                                     "function": st.fixed_dictionaries({"name": _name, "arguments": _text})})
 
 
+_token = st.fixed_dictionaries({"token": _text, "logprob": st.floats(-20, 0), "bytes": st.none(),
+                                "top_logprobs": st.just([])})
+_extras = st.fixed_dictionaries({}, optional={"system_fingerprint": _name.map("fp_".__add__),
+                                              "service_tier": st.sampled_from(["default", "flex"])})
+
+
 @st.composite
 def _message(draw: st.DrawFn) -> dict[str, Any]:
     tools = draw(st.lists(_tool_call, max_size=3))
@@ -146,6 +204,9 @@ def _message(draw: st.DrawFn) -> dict[str, Any]:
     # a whole answer's content is null beside tool calls or a refusal, unless it has text
     content = draw(_text.filter(bool) | st.none()) if tools or refusal else draw(_text | st.none())
     message: dict[str, Any] = {"role": "assistant", "content": content, "refusal": refusal}
+    reasoning = draw(st.none() | st.text(min_size=1, max_size=40))
+    if reasoning:  # DeepSeek's name, or vLLM's and OpenRouter's
+        message[draw(st.sampled_from(wire.REASONING))] = reasoning
     if tools:
         message["tool_calls"] = tools
     return message
@@ -154,14 +215,25 @@ def _message(draw: st.DrawFn) -> dict[str, Any]:
 @st.composite
 def chat_answers(draw: st.DrawFn) -> dict[str, Any]:
     indexes = draw(st.permutations(range(draw(st.integers(1, 3)))))
-    choices = [{"index": i, "message": draw(_message()), "logprobs": None,
+    choices = [{"index": i, "message": draw(_message()),
+                "logprobs": draw(st.none() | st.fixed_dictionaries({"content": st.lists(_token, max_size=4),
+                                                                    "refusal": st.none()})),
                 "finish_reason": draw(st.sampled_from(["stop", "length", "tool_calls", "content_filter"]))}
                for i in indexes]
     answer = {"id": draw(_name.map("chatcmpl-".__add__)), "object": "chat.completion",
-              "created": draw(st.integers(0, 2**31)), "model": draw(_name), "choices": choices}
+              "created": draw(st.integers(0, 2**31)), "model": draw(_name), "choices": choices,
+              **draw(_extras)}
     if draw(st.booleans()):
         answer["usage"] = draw(_usage)
     return answer
+
+
+@st.composite
+def _text_logprobs(draw: st.DrawFn) -> dict[str, Any]:
+    n = draw(st.integers(0, 4))
+    return {"tokens": draw(st.lists(_text, min_size=n, max_size=n)),
+            "token_logprobs": draw(st.lists(st.floats(-20, 0), min_size=n, max_size=n)),
+            "top_logprobs": [{} for _ in range(n)], "text_offset": list(range(n))}
 
 
 @st.composite
@@ -169,8 +241,9 @@ def text_answers(draw: st.DrawFn) -> dict[str, Any]:
     indexes = draw(st.permutations(range(draw(st.integers(1, 3)))))
     answer = {"id": draw(_name.map("cmpl-".__add__)), "object": "text_completion",
               "created": draw(st.integers(0, 2**31)), "model": draw(_name),
-              "choices": [{"index": i, "text": draw(_text), "logprobs": None,
-                           "finish_reason": draw(st.sampled_from(["stop", "length"]))} for i in indexes]}
+              "choices": [{"index": i, "text": draw(_text), "logprobs": draw(st.none() | _text_logprobs()),
+                           "finish_reason": draw(st.sampled_from(["stop", "length"]))} for i in indexes],
+              **draw(_extras)}
     if draw(st.booleans()):
         answer["usage"] = draw(_usage)
     return answer
@@ -203,11 +276,14 @@ def split_streams(draw: st.DrawFn) -> tuple[dict[str, Any], list[bytes]]:
     each tool call's arguments cut into pieces, the choices' chunks interleaved."""
     answer = draw(chat_answers())
     head = {k: answer[k] for k in ("id", "created", "model")}
+    extras = {k: answer[k] for k in wire.HEAD_EXTRAS if k in answer}
     per_choice: list[list[dict[str, Any]]] = []
     for choice in answer["choices"]:
         i, message = choice["index"], choice["message"]
         opening = "" if message["content"] is not None else None
         parts: list[dict[str, Any]] = [{"role": "assistant", "content": opening}]
+        for key in wire.REASONING:  # reasoning first, as reasoning models send it
+            parts += [{key: p} for p in _pieces(draw, message.get(key) or "") if p]
         parts += [{"content": p} for p in _pieces(draw, message["content"] or "") if p]
         parts += [{"refusal": p} for p in _pieces(draw, message["refusal"] or "") if p]
         for n, call in enumerate(message.get("tool_calls") or []):
@@ -218,13 +294,21 @@ def split_streams(draw: st.DrawFn) -> tuple[dict[str, Any], list[bytes]]:
             parts += [{"tool_calls": [{"index": n, "function": {"arguments": a}}]} for a in args[1:]]
         chunks = [wire.chat_chunk(**head, delta=d, index=i) for d in parts]
         chunks.append(wire.chat_chunk(**head, delta={}, finish_reason=choice["finish_reason"], index=i))
+        if choice["logprobs"] is not None:  # each chunk's tokens' logprobs, in order
+            tokens = choice["logprobs"]["content"]
+            cuts = sorted(draw(st.lists(st.integers(0, len(tokens)), min_size=len(chunks) - 1,
+                                        max_size=len(chunks) - 1)))
+            for c, a, b in zip(chunks, [0, *cuts], [*cuts, len(tokens)], strict=True):
+                c["choices"][0]["logprobs"] = {"content": tokens[a:b], "refusal": None}
+        for c in chunks:
+            c.update(extras)
         per_choice.append(chunks)
     stream: list[dict[str, Any]] = []
     while any(per_choice):
         queue = draw(st.sampled_from([q for q in per_choice if q]))
         stream.append(queue.pop(0))
     if "usage" in answer:
-        stream.append(wire.chat_chunk(**head, usage=answer["usage"]))
+        stream.append({**wire.chat_chunk(**head, usage=answer["usage"]), **extras})
     return answer, [sse.event(c) for c in stream] + [sse.DONE]
 
 

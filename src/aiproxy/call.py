@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import time
-from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Protocol
 
@@ -50,17 +49,24 @@ class Usage:
         completion = _int(usage.get("completion_tokens"))
         total = _int(usage.get("total_tokens")) or prompt + completion
         details = usage.get("prompt_tokens_details")
-        cached = _int(details.get("cached_tokens")) if isinstance(details, dict) else 0
-        return cls(prompt, completion, total, cached)
+        if not isinstance(details, dict):
+            return cls(prompt, completion, total)
+        written = details.get("cache_write_tokens")  # OpenRouter's; never in OpenAI's own
+        return cls(prompt, completion, total, _int(details.get("cached_tokens")),
+                   _int(written) if written else 0)
 
     def to_openai(self) -> dict[str, Any]:
+        """OpenAI's ``usage``; cache writes as ``prompt_tokens_details.cache_write_tokens``
+        (the openai SDK's field for them; OpenAI itself reports none)."""
         usage: dict[str, Any] = {
             "prompt_tokens": self.prompt_tokens,
             "completion_tokens": self.completion_tokens,
             "total_tokens": self.total_tokens,
         }
-        if self.cached_tokens:
-            usage["prompt_tokens_details"] = {"cached_tokens": self.cached_tokens}
+        if self.cached_tokens or self.cache_write_tokens:
+            details = usage["prompt_tokens_details"] = {"cached_tokens": self.cached_tokens}
+            if self.cache_write_tokens:
+                details["cache_write_tokens"] = self.cache_write_tokens
         return usage
 
 
@@ -68,11 +74,26 @@ def _int(value: Any) -> int:
     return value if type(value) is int else 0
 
 
+class EgressWriter(Protocol):
+    """One stream's answer rewritten chunk by chunk (:meth:`Egress.writer`)."""
+
+    def feed(self, chunk: dict[str, Any]) -> bytes:
+        """The bytes to send for one OpenAI chunk, or for an ``{"error": {...}}`` object
+        (the stream failed: nothing is fed after it); ``b""`` for none."""
+        ...
+
+    def end(self) -> bytes:
+        """The bytes that end a stream that did not fail (where OpenAI sends ``[DONE]``)."""
+        ...
+
+
 class Egress(Protocol):
     """How answers are written for a client that speaks another wire format.
 
     The gateway works in OpenAI shape throughout; an ingress route for another API
     (``/v1/messages``) sets ``call.egress`` and gets each answer rewritten at the edge.
+    A stream's chunks reach the writer parsed: the gateway decodes each one once, for the
+    writer and for the answer it assembles at the end.
     """
 
     media_type: str
@@ -81,8 +102,8 @@ class Egress(Protocol):
         """The response body for a whole OpenAI-shaped answer."""
         ...
 
-    def stream(self, call: Call, events: AsyncIterator[bytes]) -> AsyncIterator[bytes]:
-        """Rewrite OpenAI SSE events (ending in ``[DONE]`` or an error event)."""
+    def writer(self, call: Call) -> EgressWriter:
+        """A writer for ``call``'s stream."""
         ...
 
     def error(self, error: ProxyError) -> bytes:

@@ -15,10 +15,11 @@ from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import TYPE_CHECKING, Any
 
 import anyio
+import orjson
 from starlette.responses import Response
 
 from aiproxy import sse, tokens, wire
-from aiproxy.call import Call, Egress, Principal, Usage
+from aiproxy.call import Call, Egress, EgressWriter, Principal, Usage
 from aiproxy.errors import ProxyError
 from aiproxy.provider import Reply
 
@@ -32,6 +33,8 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("aiproxy.gateway")
 Reader = Callable[[], Awaitable[tuple[dict[str, Any], str]]]
+#: what a stream sent so far: its events as they went out, or as decoded chunks
+Sent = list[bytes | dict[str, Any]]
 
 ANONYMOUS = Principal(id="anonymous", kind="anonymous")
 _GATEWAY, _ANSWERED = "gateway", "answered"  # call.state: the upstream answered a whole call
@@ -237,14 +240,13 @@ class Gateway:
             # is retried, fallen back, or a proper HTTP error — not a 200 with an error inside.
             first, events = await self.router.stream(call, method)
         headers = {**call.response_headers, **_STREAM_HEADERS, "x-request-id": call.request_id}
-        relay = self._relay(call, first, events)
         if call.egress is not None:
-            relay = call.egress.stream(call, relay)
-        return sse.EventStream(relay, headers)
+            return sse.EventStream(self._rewritten(call, first, events, call.egress.writer(call)), headers)
+        return sse.EventStream(self._relay(call, first, events), headers)
 
     async def _relay(self, call: Call, first: bytes | None,
                      events: AsyncIterator[bytes]) -> AsyncIterator[bytes]:
-        sent: list[bytes] = []  # what went out, to assemble or size the answer at the end
+        sent: Sent = []  # what went out, to assemble or size the answer at the end
         complete = False
         try:
             if first is not None:
@@ -269,21 +271,65 @@ class Gateway:
             call.metadata["client_disconnected"] = True
             raise
         finally:
-            call.finished = time.perf_counter()
-            with anyio.CancelScope(shield=True):
-                aclose = getattr(events, "aclose", None)
-                if aclose is not None:
-                    try:
-                        await aclose()  # closes the upstream response: cancels it if unfinished
-                    except Exception:
-                        log.exception("closing the upstream stream of %s failed", call.request_id)
-                await self._settle_stream(call, sent, complete)
-                if call.error is not None:
-                    await self._quietly("aiproxy_on_error", call=call, error=call.error)
-                else:
-                    await self._quietly("aiproxy_after_call", call=call)
+            await self._finish_stream(call, events, sent, complete)
 
-    async def _settle_stream(self, call: Call, sent: list[bytes], complete: bool) -> None:
+    async def _finish_stream(self, call: Call, events: AsyncIterator[bytes], sent: Sent,
+                             complete: bool) -> None:
+        """However a relayed stream ended: close the upstream, settle, run the last stages."""
+        call.finished = time.perf_counter()
+        with anyio.CancelScope(shield=True):
+            aclose = getattr(events, "aclose", None)
+            if aclose is not None:
+                try:
+                    await aclose()  # closes the upstream response: cancels it if unfinished
+                except Exception:
+                    log.exception("closing the upstream stream of %s failed", call.request_id)
+            await self._settle_stream(call, sent, complete)
+            if call.error is not None:
+                await self._quietly("aiproxy_on_error", call=call, error=call.error)
+            else:
+                await self._quietly("aiproxy_after_call", call=call)
+
+    async def _rewritten(self, call: Call, first: bytes | None, events: AsyncIterator[bytes],
+                         writer: EgressWriter) -> AsyncIterator[bytes]:
+        """:meth:`_relay` for a client of another wire format: each chunk is decoded once,
+        and the same object goes to the egress writer and to what was sent."""
+        sent: Sent = []
+        complete = False
+        try:
+            if first is not None:
+                call.first_byte = time.perf_counter()
+                out = _write(writer, first, sent)
+                if out:
+                    yield out
+                async for chunk in events:
+                    out = _write(writer, chunk, sent)
+                    if len(sent) >= FOLD_AT:
+                        sent[:] = fold(sent)
+                    if out:
+                        yield out
+            complete = True
+            out = writer.end()
+            if out:
+                yield out
+        except ProxyError as exc:
+            call.error = exc
+            out = writer.feed(exc.body())
+            if out:
+                yield out
+        except Exception:
+            log.exception("stream %s failed", call.request_id)
+            call.error = internal_error()
+            out = writer.feed(call.error.body())
+            if out:
+                yield out
+        except BaseException:  # the client went away: the task is cancelled
+            call.metadata["client_disconnected"] = True
+            raise
+        finally:
+            await self._finish_stream(call, events, sent, complete)
+
+    async def _settle_stream(self, call: Call, sent: Sent, complete: bool) -> None:
         """After a stream: its whole answer for the stages that asked (and the cache), and
         an estimate of its usage when the upstream never said (cut short, or silent)."""
         try:
@@ -331,11 +377,30 @@ def _estimated(call: Call) -> Usage:
 FOLD_AT = 128
 
 
-def fold(events: list[bytes]) -> list[bytes]:
-    """``events`` as the few events of the answer they add up to so far: assembling the
+def fold(events: Sent) -> Sent:
+    """``events`` as the few chunks of the answer they add up to so far: assembling the
     result and the rest gives what assembling all of them would."""
     data = wire.assemble(events)
-    return [] if data is None else [sse.event(chunk) for chunk in wire.replay_chunks(data, True)]
+    return [] if data is None else list(wire.replay_chunks(data, True))
+
+
+def _write(writer: EgressWriter, event: bytes, sent: Sent) -> bytes:
+    """What ``writer`` makes of one relayed event; each chunk in it is decoded once, and
+    kept in ``sent`` as decoded."""
+    out = []
+    for data in sse.payloads(event):
+        if data == b"[DONE]":  # a provider that sends its own
+            out.append(writer.end())
+            continue
+        try:
+            chunk = orjson.loads(data)
+        except orjson.JSONDecodeError:
+            log.debug("skipped a stream event that is not JSON")
+            continue
+        if isinstance(chunk, dict):
+            sent.append(chunk)
+            out.append(writer.feed(chunk))
+    return out[0] if len(out) == 1 else b"".join(out)
 
 
 async def _replay(reply: Reply, include_usage: bool) -> AsyncIterator[bytes]:

@@ -57,6 +57,21 @@ async def data_events(chunks: AsyncIterable[bytes]) -> AsyncIterator[bytes]:
             yield data
 
 
+def payloads(events: bytes) -> list[bytes]:
+    """The data of each whole event in ``events``, as :func:`data_events` reads them: for
+    the gateway's own events (a provider yields whole ones), without its buffering."""
+    if events.startswith(b"data: ") and events.find(b"\n", 6) == len(events) - 2 and events.endswith(b"\n\n"):
+        return [events[6:-2]]  # the usual case: one event, one data line
+    if b"\r" in events:
+        events = events.replace(b"\r\n", b"\n").replace(b"\r", b"\n")
+    out = []
+    for block in events.split(b"\n\n"):
+        data = _data_of(block.strip(b"\n")) if block.strip() else None
+        if data is not None:
+            out.append(data)
+    return out
+
+
 def _data_of(block: bytes) -> bytes | None:
     """The data of one event; None when it has none, or only blanks (a keep-alive)."""
     if block.startswith(b"data: ") and b"\n" not in block:  # the usual case: one data line

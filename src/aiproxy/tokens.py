@@ -176,7 +176,8 @@ def prompt_of(call: Call) -> int:
 
 
 def completion(response: dict[str, Any] | None, model: str = "") -> int:
-    """Estimated tokens of the text and tool calls in an OpenAI-shaped answer."""
+    """Estimated tokens of the text, reasoning and tool calls in an OpenAI-shaped answer
+    (reasoning is billed as completion tokens)."""
     if not response:
         return 0
     total = 0
@@ -188,6 +189,10 @@ def completion(response: dict[str, Any] | None, model: str = "") -> int:
         message = choice.get("message")
         if isinstance(message, dict):
             total += count(_text_of(message.get("content")), model)
+            # the same text under either name: vLLM has sent it as both at once
+            reasoning = message.get("reasoning_content") or message.get("reasoning")
+            if isinstance(reasoning, str):
+                total += count(reasoning, model)
             for call in message.get("tool_calls") or []:
                 function = call.get("function") if isinstance(call, dict) else None
                 if isinstance(function, dict):

@@ -100,31 +100,51 @@ def model_object(model_id: str, owned_by: str, created: int = 0) -> dict[str, An
     return {"id": model_id, "object": "model", "created": created, "owned_by": owned_by}
 
 
+#: a message's reasoning, as upstreams name it: ``reasoning_content`` (DeepSeek, and the
+#: gateway's own providers), ``reasoning`` (vLLM, OpenRouter, Ollama's OpenAI API)
+REASONING = ("reasoning_content", "reasoning")
+#: top-level fields of an answer that every chunk of its stream repeats
+HEAD_EXTRAS = ("system_fingerprint", "service_tier")
+
+
 def replay_chunks(data: dict[str, Any], include_usage: bool) -> Iterator[dict[str, Any]]:
-    """A whole chat or text completion as the chunks a stream of it would have had."""
+    """A whole chat or text completion as the chunks a stream of it would have had: per
+    choice, one delta with all of its message (reasoning, content, refusal, tool calls)
+    and its logprobs, then one with its finish reason."""
     cid, model, created = data.get("id", new_id("chatcmpl")), data.get("model", ""), data.get("created", 0)
     text_mode = data.get("object") == "text_completion"
+    extra = {key: data[key] for key in HEAD_EXTRAS if data.get(key) is not None}
     for choice in data.get("choices") or []:
         index = choice.get("index", 0)
         if text_mode:
             yield {"id": cid, "object": "text_completion", "created": created, "model": model,
-                   "choices": [{"index": index, "text": choice.get("text", ""), "logprobs": None,
-                                "finish_reason": choice.get("finish_reason")}]}
+                   "choices": [{"index": index, "text": choice.get("text", ""),
+                                "logprobs": choice.get("logprobs"),
+                                "finish_reason": choice.get("finish_reason")}],
+                   **extra}
             continue
         message = choice.get("message") or {}
         delta: dict[str, Any] = {"role": message.get("role", "assistant"), "content": message.get("content")}
+        for key in REASONING:
+            if message.get(key):
+                delta[key] = message[key]
         if message.get("tool_calls"):
             delta["tool_calls"] = [{"index": i, **call} for i, call in enumerate(message["tool_calls"])]
         if message.get("refusal"):
             delta["refusal"] = message["refusal"]
-        yield chat_chunk(id=cid, model=model, created=created, delta=delta, index=index)
-        yield chat_chunk(id=cid, model=model, created=created, delta={},
-                         finish_reason=choice.get("finish_reason"), index=index)
+        first = chat_chunk(id=cid, model=model, created=created, delta=delta, index=index)
+        if choice.get("logprobs") is not None:
+            first["choices"][0]["logprobs"] = choice["logprobs"]
+        yield {**first, **extra} if extra else first
+        last = chat_chunk(id=cid, model=model, created=created, delta={},
+                          finish_reason=choice.get("finish_reason"), index=index)
+        yield {**last, **extra} if extra else last
     if include_usage and data.get("usage") is not None:
         if text_mode:
-            yield text_chunk(id=cid, model=model, created=created, text="", usage=data["usage"])
+            chunk = text_chunk(id=cid, model=model, created=created, text="", usage=data["usage"])
         else:
-            yield chat_chunk(id=cid, model=model, created=created, usage=data["usage"])
+            chunk = chat_chunk(id=cid, model=model, created=created, usage=data["usage"])
+        yield {**chunk, **extra} if extra else chunk
 
 
 def dumps(obj: Any) -> bytes:
@@ -147,16 +167,19 @@ def tool_arguments(raw: Any, where: str) -> dict[str, Any]:
     return value
 
 
-def assemble(events: Sequence[bytes]) -> dict[str, Any] | None:
+def assemble(events: Sequence[bytes | dict[str, Any]]) -> dict[str, Any] | None:
     """The whole answer a stream of OpenAI SSE events adds up to (the inverse of
-    :func:`replay_chunks`): content, refusal and tool calls joined per choice, the last
-    finish reason, and the usage chunk's usage. None when no event held a chunk.
+    :func:`replay_chunks`): content, refusal, reasoning (``reasoning_content`` or
+    ``reasoning``), tool calls and logprobs joined per choice, the last finish reason, the
+    usage chunk's usage, and ``system_fingerprint`` / ``service_tier`` (every chunk repeats
+    them: the first chunk's, else the last's). None when no event held a chunk.
 
-    ``events`` are the gateway's outgoing events (``data: {...}\\n\\n``); ``[DONE]`` and
-    anything that is not a JSON object are skipped. The answer is shaped as a whole one
-    is: ``content`` is null beside tool calls or a refusal unless there was text, and
-    ``refusal`` is always there. ``id``, ``model`` and ``created`` are the first non-empty
-    ones (Azure leads with a chunk of empty ones holding its prompt filter results).
+    ``events`` are the gateway's outgoing events (``data: {...}\\n\\n``), or chunks it
+    has decoded already; ``[DONE]`` and anything that is not a JSON object are skipped.
+    The answer is shaped as a whole one is: ``content`` is null beside tool calls or a
+    refusal unless there was text, and ``refusal`` is always there. ``id``, ``model`` and
+    ``created`` are the first non-empty ones (Azure leads with a chunk of empty ones holding
+    its prompt filter results).
     """
     first: dict[str, Any] | None = None
     head: dict[str, Any] = {}
@@ -164,15 +187,18 @@ def assemble(events: Sequence[bytes]) -> dict[str, Any] | None:
     choices: dict[int, dict[str, Any]] = {}
     usage: Any = None
     for raw in events:
-        data = raw[6:] if raw.startswith(b"data: ") else raw
-        if data.startswith(b"[DONE]"):
-            continue
-        try:
-            chunk = orjson.loads(data)
-        except orjson.JSONDecodeError:
-            continue
-        if not isinstance(chunk, dict):
-            continue
+        if isinstance(raw, dict):  # decoded already
+            chunk = raw
+        else:
+            data = raw[6:] if raw.startswith(b"data: ") else raw
+            if data.startswith(b"[DONE]"):
+                continue
+            try:
+                chunk = orjson.loads(data)
+            except orjson.JSONDecodeError:
+                continue
+            if not isinstance(chunk, dict):
+                continue
         if first is None:
             first = chunk
         if len(head) < 3:
@@ -195,6 +221,14 @@ def assemble(events: Sequence[bytes]) -> dict[str, Any] | None:
     out["choices"] = [_finish_choice(c, bool(text_mode)) for _, c in sorted(choices.items())]
     if usage is not None:
         out["usage"] = usage
+    # read off two chunks, not each one: Azure's first holds only its prompt filter results
+    last = chunk if isinstance(chunk, dict) else first  # the loop's last decoded one
+    for key in HEAD_EXTRAS:
+        value = first.get(key)
+        if value is None:
+            value = last.get(key)
+        if value is not None:
+            out[key] = value
     return out
 
 
@@ -205,9 +239,13 @@ def _merge_choice(choices: dict[int, dict[str, Any]], choice: dict[str, Any], te
     acc = choices.get(index)
     if acc is None:  # not setdefault: that would build a new accumulator for every chunk
         acc = choices[index] = {"index": index, "parts": [], "refusal": [], "tools": {},
-                                "role": "assistant", "finish_reason": None, "last_tool": 0}
+                                "role": "assistant", "finish_reason": None, "last_tool": 0,
+                                "reasoning": {}, "logprobs": None}
     if choice.get("finish_reason") is not None:
         acc["finish_reason"] = choice["finish_reason"]
+    logprobs = choice.get("logprobs")
+    if logprobs is not None:
+        acc["logprobs"] = _join_logprobs(acc["logprobs"], logprobs)
     if text_mode:
         if isinstance(choice.get("text"), str):
             acc["parts"].append(choice["text"])
@@ -224,6 +262,10 @@ def _merge_choice(choices: dict[int, dict[str, Any]], choice: dict[str, Any], te
         acc["role"] = delta["role"]
     if isinstance(delta.get("refusal"), str):
         acc["refusal"].append(delta["refusal"])
+    for key in REASONING:
+        piece = delta.get(key)
+        if type(piece) is str and piece:  # some servers open with an empty one
+            acc["reasoning"].setdefault(key, []).append(piece)
     calls = delta.get("tool_calls")
     for call in calls if isinstance(calls, list) else ():
         if not isinstance(call, dict):
@@ -258,19 +300,38 @@ def _tool_slot(acc: dict[str, Any], call: dict[str, Any]) -> int:
     return int(acc["last_tool"])
 
 
+def _join_logprobs(acc: Any, more: Any) -> Any:
+    """Logprobs so far and a chunk's: each list (chat: ``content``, ``refusal``; text:
+    ``tokens``, ``token_logprobs``, ``top_logprobs``, ``text_offset``) joined, the rest kept."""
+    if not isinstance(more, dict):
+        return acc
+    if not isinstance(acc, dict):  # lists copied: they grow in place from here
+        return {key: list(value) if isinstance(value, list) else value for key, value in more.items()}
+    for key, value in more.items():
+        if isinstance(value, list) and isinstance(acc.get(key), list):
+            acc[key].extend(value)
+        elif isinstance(value, list):
+            acc[key] = list(value)
+        elif value is not None or key not in acc:
+            acc[key] = value
+    return acc
+
+
 def _finish_choice(acc: dict[str, Any], text_mode: bool) -> dict[str, Any]:
     if text_mode:
-        return {"index": acc["index"], "text": "".join(acc["parts"]), "logprobs": None,
+        return {"index": acc["index"], "text": "".join(acc["parts"]), "logprobs": acc["logprobs"],
                 "finish_reason": acc["finish_reason"]}
     text, refusal = "".join(acc["parts"]), "".join(acc["refusal"])
     message: dict[str, Any] = {
         "role": acc["role"],
         "content": text if text or (acc["parts"] and not acc["tools"] and not refusal) else None,
         "refusal": refusal or None}
+    for key, pieces in acc["reasoning"].items():
+        message[key] = "".join(pieces)
     if acc["tools"]:
         message["tool_calls"] = [
             {"id": t["id"], "type": "function",
              "function": {"name": "".join(t["name"]), "arguments": "".join(t["arguments"])}}
             for _, t in sorted(acc["tools"].items())]
-    return {"index": acc["index"], "message": message, "logprobs": None,
+    return {"index": acc["index"], "message": message, "logprobs": acc["logprobs"],
             "finish_reason": acc["finish_reason"]}

@@ -21,6 +21,7 @@ SDK's ``extra_body={"fake": {...}}``) or for a while by ``with fake.configured(.
 ``reply``           a fixed reply text instead of generated words
 ``error``           answer with this HTTP status instead (``retry_after`` seconds)
 ``dimensions``      embedding size, unless the request names one
+``script``          (OpenAI chat) stream exactly these choices, one chunk each
 ==================  ============================================================
 
 Usage::

@@ -5,7 +5,8 @@ It refuses what the real API refuses (a missing ``x-api-key`` or ``anthropic-ver
 fields it does not know, roles other than user/assistant, empty text blocks, a
 ``tool_result`` without its ``tool_use`` in the turn before, unsupported image types) with
 Anthropic's error shape. Besides the shared options (:mod:`.server`) it takes
-``cache_read`` (tokens reported as read from the prompt cache), ``stream_error``
+``cache_read`` and ``cache_write`` (tokens reported as read from and written to the prompt
+cache, in ``message_start`` and again in ``message_delta`` as the API does), ``stream_error``
 (an ``error`` event of that type, e.g. ``overloaded_error``, after the first text delta)
 and ``gate`` (a :class:`threading.Event`, through :meth:`configured`: a stream sends its
 first event, then waits for the gate before the rest).
@@ -44,7 +45,7 @@ class FakeAnthropic(FakeUpstream):
 
     def __init__(self, *, models: Sequence[str] = MODELS, api_key: str | None = None,
                  extra_fields: Sequence[str] = ("fake",), **defaults: Any) -> None:
-        super().__init__(**{"cache_read": 0, "stream_error": None, **defaults})
+        super().__init__(**{"cache_read": 0, "cache_write": 0, "stream_error": None, **defaults})
         self.models = list(models)
         self.api_key = api_key
         self.fields = FIELDS | set(extra_fields)
@@ -182,7 +183,7 @@ class FakeAnthropic(FakeUpstream):
         tool = self._tool(body)
         count = len(self.requests)
         msg_id = f"msg_fake{count:04d}"
-        cache_read = int(opts.get("cache_read") or 0)
+        cache_read, cache_write = int(opts.get("cache_read") or 0), int(opts.get("cache_write") or 0)
         if tool is not None:
             arguments = example_arguments(tool.get("input_schema"))
             tool_id = f"toolu_fake{count:04d}"
@@ -192,7 +193,7 @@ class FakeAnthropic(FakeUpstream):
             quoted = self._tool_result(body)
             words, cut = words_for(prompt, {**opts, "reply": quoted} if quoted else opts, body["max_tokens"])
             stop, output = ("max_tokens" if cut else "end_turn"), len(words)
-        usage = {"input_tokens": count_words(prompt), "cache_creation_input_tokens": 0,
+        usage = {"input_tokens": count_words(prompt), "cache_creation_input_tokens": cache_write,
                  "cache_read_input_tokens": cache_read, "output_tokens": output}
         message: dict[str, Any] = {"id": msg_id, "type": "message", "role": "assistant",
                                    "model": body["model"], "content": [], "stop_reason": stop,
@@ -230,7 +231,7 @@ class FakeAnthropic(FakeUpstream):
                 pieces.append(self.frame({"type": "content_block_delta", "index": index,
                                           "delta": {"type": "input_json_delta", "partial_json": part}}))
             pieces.append(self.frame({"type": "content_block_stop", "index": index}))
-        pieces.append(self.frame({"type": "message_delta", "usage": {"output_tokens": output},
+        pieces.append(self.frame({"type": "message_delta", "usage": {**usage, "output_tokens": output},
                                   "delta": {"stop_reason": stop, "stop_sequence": None}}))
         pieces.append(self.frame({"type": "message_stop"}))
         gate = opts.get("gate")

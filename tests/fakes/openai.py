@@ -15,6 +15,7 @@ from starlette.routing import Route
 
 from .server import (
     FakeUpstream,
+    Recorded,
     chat_words,
     count_words,
     embedding_vectors,
@@ -118,6 +119,8 @@ class FakeOpenAI(FakeUpstream):
             words, cut = chat_words(messages, opts, self._limit(limit))
             text, finish, completion_tokens = " ".join(words), "length" if cut else "stop", len(words)
         usage = self._usage(prompt_tokens, completion_tokens)
+        if body.get("stream") is True and opts.get("script"):
+            return self._scripted(record, opts, cid, created, model, usage, self._wants_usage(body))
 
         if body.get("stream") is not True:
             await self.pause(opts)
@@ -152,6 +155,20 @@ class FakeOpenAI(FakeUpstream):
             pieces.append(self.frame({"id": cid, "object": "chat.completion.chunk", "created": created,
                                       "model": model, "system_fingerprint": "fp_fake", "choices": [],
                                       "usage": usage}))
+        pieces.append(DONE)
+        return self.stream(record, pieces, opts)
+
+    def _scripted(self, record: Recorded, opts: dict[str, Any], cid: str, created: int, model: str,
+                  usage: dict[str, int], wants_usage: bool) -> Response:
+        """The ``script`` option: a stream of exactly these choices (``delta``, ``logprobs``,
+        ``finish_reason``; ``index`` 0 unless given), each in a chunk of its own."""
+        head = {"id": cid, "object": "chat.completion.chunk", "created": created, "model": model,
+                "system_fingerprint": "fp_fake"}
+        pieces = [self.frame({**head, "choices": [{"index": 0, "delta": {}, "logprobs": None,
+                                                   "finish_reason": None, **choice}]})
+                  for choice in opts["script"]]
+        if wants_usage:
+            pieces.append(self.frame({**head, "choices": [], "usage": usage}))
         pieces.append(DONE)
         return self.stream(record, pieces, opts)
 

@@ -5,7 +5,9 @@
   parsed into ``input``), the model name the client sent, ``stop_reason`` from
   ``finish_reason`` (stop → end_turn, or stop_sequence when the upstream names the stop
   string it hit, as vLLM does; length → max_tokens; tool_calls → tool_use;
-  content_filter → refusal), usage with cached prompt tokens as ``cache_read_input_tokens``;
+  content_filter → refusal), usage with the prompt tokens read from and written to the
+  upstream's prompt cache as ``cache_read_input_tokens`` and ``cache_creation_input_tokens``
+  (``input_tokens`` is the rest, as Anthropic counts it);
 - a chat stream → ``message_start``, one ``content_block_*`` run per text run and per
   tool call (``text_delta``, ``input_json_delta``), ``message_delta`` (stop reason and
   usage, sent once the usage chunk has come), ``message_stop``; an error event → ``event:
@@ -18,16 +20,12 @@ from __future__ import annotations
 
 import logging
 import os
-from collections.abc import AsyncIterator
 from typing import TYPE_CHECKING, Any
 
-import anyio
 import orjson
 
-from aiproxy import sse
-
 if TYPE_CHECKING:
-    from aiproxy.call import Call
+    from aiproxy.call import Call, Usage
     from aiproxy.errors import ProxyError
     from aiproxy.provider import Reply
 
@@ -59,16 +57,34 @@ def error_body(kind: str, message: str) -> dict[str, Any]:
 
 
 def usage(openai: Any) -> dict[str, int]:
-    """Anthropic usage from an OpenAI ``usage`` object: input excludes what the cache served."""
+    """Anthropic usage from an OpenAI ``usage`` object (cache writes in
+    ``prompt_tokens_details.cache_write_tokens``, as :meth:`Usage.to_openai` puts them)."""
     if not isinstance(openai, dict):
         return {"input_tokens": 0, "output_tokens": 0}
-    prompt, completion = _int(openai.get("prompt_tokens")), _int(openai.get("completion_tokens"))
     details = openai.get("prompt_tokens_details")
-    cached = _int(details.get("cached_tokens")) if isinstance(details, dict) else 0
-    out = {"input_tokens": max(0, prompt - cached), "output_tokens": completion}
+    details = details if isinstance(details, dict) else {}
+    return counts(_int(openai.get("prompt_tokens")), _int(openai.get("completion_tokens")),
+                  _int(details.get("cached_tokens")), _int(details.get("cache_write_tokens")))
+
+
+def counts(prompt: int, completion: int, cached: int, written: int) -> dict[str, int]:
+    """Anthropic usage: ``input_tokens`` is the prompt less what the prompt cache served
+    (``cache_read_input_tokens``) and what was written to it (``cache_creation_input_tokens``)."""
+    cached, written = max(0, cached), max(0, written)
+    out = {"input_tokens": max(0, prompt - cached - written), "output_tokens": max(0, completion)}
+    if written:
+        out["cache_creation_input_tokens"] = written
     if cached:
         out["cache_read_input_tokens"] = cached
     return out
+
+
+def usage_of(u: Usage | None, *, output: bool = True) -> dict[str, int]:
+    """Anthropic usage from the gateway's :class:`Usage` (none: zeros)."""
+    if u is None:
+        return {"input_tokens": 0, "output_tokens": 0}
+    return counts(u.prompt_tokens, u.completion_tokens if output else 0, u.cached_tokens,
+                  u.cache_write_tokens)
 
 
 def _int(value: Any) -> int:
@@ -167,26 +183,13 @@ class MessagesEgress:
     def error(self, error: ProxyError) -> bytes:
         return orjson.dumps(error_body(error_type(error.status), error.message))
 
-    async def stream(self, call: Call, events: AsyncIterator[bytes]) -> AsyncIterator[bytes]:
-        writer = _StreamWriter(call)
-        payloads = sse.data_events(events)
-        try:
-            async for data in payloads:  # read to the end: the relay finishes normally
-                out = writer.feed(data)
-                if out:  # what one upstream event became, in one write
-                    yield out[0] if len(out) == 1 else b"".join(out)
-        finally:
-            # Closing the gateway's relay runs its cleanup (upstream closed, after-call or
-            # on-error hooks) even when the client left mid-stream.
-            with anyio.CancelScope(shield=True):
-                for iterator in (payloads, events):
-                    aclose = getattr(iterator, "aclose", None)
-                    if aclose is not None:
-                        await aclose()
+    def writer(self, call: Call) -> StreamWriter:
+        return StreamWriter(call)
 
 
-class _StreamWriter:
-    """Turns OpenAI chunk payloads into Anthropic events, one call's stream at a time."""
+class StreamWriter:
+    """Turns OpenAI chunks into Anthropic events, one call's stream at a time
+    (:class:`aiproxy.call.EgressWriter`); what one chunk becomes goes out in one write."""
 
     def __init__(self, call: Call) -> None:
         self.call = call
@@ -200,41 +203,41 @@ class _StreamWriter:
         self.reason: tuple[str, str | None] = ("end_turn", None)
         self.usage: dict[str, int] | None = None
 
-    def feed(self, data: bytes) -> list[bytes]:
-        out: list[bytes] = []
+    def feed(self, chunk: dict[str, Any]) -> bytes:
         if self.ended:
-            return out
+            return b""
+        out: list[bytes] = []
         if not self.started:
             self.started = True
             out.append(self._start())
-        if data == b"[DONE]":
-            self._close(out)
-            out.append(self._end())
-            self.ended = True
-            return out
-        try:
-            chunk = orjson.loads(data)
-        except orjson.JSONDecodeError:
-            log.debug("messages: skipped a stream event that is not JSON")
-            return out
-        if not isinstance(chunk, dict):
-            return out
         if "error" in chunk:
             out.append(self._error(chunk["error"]))
             self.ended = True
-            return out
-        if isinstance(chunk.get("usage"), dict):
-            self.usage = usage(chunk["usage"])
-        for choice in chunk.get("choices") or []:
-            if isinstance(choice, dict) and choice.get("index", 0) == 0:
-                self._choice(choice, out)
-        return out
+        else:
+            if isinstance(chunk.get("usage"), dict):
+                self.usage = usage(chunk["usage"])
+            for choice in chunk.get("choices") or []:
+                if isinstance(choice, dict) and choice.get("index", 0) == 0:
+                    self._choice(choice, out)
+        return out[0] if len(out) == 1 else b"".join(out)
+
+    def end(self) -> bytes:
+        if self.ended:
+            return b""
+        out: list[bytes] = []
+        if not self.started:
+            self.started = True
+            out.append(self._start())
+        self._close(out)
+        out.append(self._end())
+        self.ended = True
+        return b"".join(out)
 
     # ------------------------------------------------------------ events
     def _start(self) -> bytes:
-        known = self.call.usage  # a cached answer's usage is known before it is replayed
-        start = {"input_tokens": known.prompt_tokens - known.cached_tokens if known else 0,
-                 "output_tokens": 0}
+        # known before the first event for a cached answer, and for an upstream that counts
+        # the prompt up front (Anthropic's own message_start)
+        start = usage_of(self.call.usage, output=False)
         return event("message_start", {"type": "message_start", "message": {
             "id": message_id(), "type": "message", "role": "assistant", "model": self.call.model,
             "content": [], "stop_reason": None, "stop_sequence": None, "usage": start}})
@@ -243,8 +246,7 @@ class _StreamWriter:
         reason, sequence = self.reason
         if reason == "end_turn" and self.tools:
             reason = "tool_use"
-        final = self.usage or (usage(self.call.usage.to_openai()) if self.call.usage else
-                               {"input_tokens": 0, "output_tokens": 0})
+        final = self.usage or usage_of(self.call.usage)
         return event("message_delta", {
             "type": "message_delta", "delta": {"stop_reason": reason, "stop_sequence": sequence},
             "usage": final}) + event("message_stop", {"type": "message_stop"})

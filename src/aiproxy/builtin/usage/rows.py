@@ -84,8 +84,11 @@ def materialize(captured: Captured) -> dict[str, Any]:
             meta["first_byte_ms"] = round((first_byte - started) * 1000, 1)
     if principal is not None and principal.kind != "key":
         meta["principal"] = principal.kind
-    if usage is not None and usage.cached_tokens:
-        meta["cached_tokens"] = usage.cached_tokens
+    if usage is not None:
+        if usage.cached_tokens:
+            meta["cached_tokens"] = usage.cached_tokens
+        if usage.cache_write_tokens:
+            meta["cache_write_tokens"] = usage.cache_write_tokens
     status = 200
     message = None
     if error is not None:
