@@ -18,7 +18,7 @@ from collections.abc import Awaitable, Callable
 from typing import Any
 
 from aiproxy.config import Config
-from aiproxy.storage.models import ROLES, TIERS
+from aiproxy.storage.names import ROLES, TIERS
 
 COMMANDS = ("keys", "tenants", "users")
 

@@ -26,7 +26,7 @@ from typing import Any
 import yaml
 
 from aiproxy.storage.keys import hash_key
-from aiproxy.storage.models import ROLES, TIERS
+from aiproxy.storage.names import ROLES, TIERS
 from aiproxy.storage.records import KeyRecord
 
 _HEX = re.compile(r"[0-9a-f]{64}")

@@ -47,7 +47,8 @@ from sqlalchemy.exc import IntegrityError, InterfaceError, OperationalError
 from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession
 
 from aiproxy.storage.db import DatabaseUnavailable, session_factory
-from aiproxy.storage.models import ROLES, TIERS, ApiKey, Tenant, User, utcnow
+from aiproxy.storage.models import ApiKey, Tenant, User, utcnow
+from aiproxy.storage.names import ROLES, TIERS
 from aiproxy.storage.records import KeyRecord, TenantRecord, UserRecord
 
 KEY_PREFIX: Final = "sk-"

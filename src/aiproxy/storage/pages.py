@@ -19,7 +19,8 @@ from typing import Any, Generic, TypeVar
 from sqlalchemy import false, or_, select
 
 from aiproxy.storage.keys import KeyStore, NotFound, Scope, StoreError, _AllTenants, _in_scope, _scoped
-from aiproxy.storage.models import ROLES, ApiKey, Tenant, User
+from aiproxy.storage.models import ApiKey, Tenant, User
+from aiproxy.storage.names import ROLES
 from aiproxy.storage.records import KeyRecord, TenantRecord, UserRecord
 
 MAX_LIMIT = 200

@@ -12,7 +12,7 @@ from collections.abc import Iterable, Mapping
 from typing import Any
 
 from aiproxy.errors import ProxyError
-from aiproxy.storage.models import ROLES, TIERS
+from aiproxy.storage.names import ROLES, TIERS
 from aiproxy.storage.pages import MAX_LIMIT
 
 _DURATION = re.compile(r"^\s*([0-9]{1,12})\s*([smhdw]?)\s*$")  # bounded: int() of 5000 digits raises

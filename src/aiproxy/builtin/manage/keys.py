@@ -14,7 +14,7 @@ from aiproxy.builtin.manage.access import Caller, Result, body_of
 from aiproxy.builtin.manage.fields import Fields, bad, flag, page_params, parse_duration
 from aiproxy.errors import ProxyError
 from aiproxy.storage.keys import NotFound
-from aiproxy.storage.models import TIERS
+from aiproxy.storage.names import TIERS
 from aiproxy.storage.pages import page_keys
 from aiproxy.storage.records import KeyRecord
 

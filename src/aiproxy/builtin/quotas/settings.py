@@ -8,7 +8,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from aiproxy.config import ConfigError
-from aiproxy.storage.models import TIERS
+from aiproxy.storage.names import TIERS
 
 SCOPES = ("key", "user", "tenant")
 _TOP = ("flush_interval", "on_backend_error", "redis_retry_seconds", "completion_estimate",
