@@ -49,6 +49,13 @@ NOTES = """\
   get; the cache set is in the background), and redis-py's per-command machinery
   (`execute_command`, connection pool, packing) is ~30 % of samples: a lean RESP client or
   fewer round trips per call is where that configuration's CPU is.
+- **Same machine, before and after** (2026-11-28): the machine of the run above served the
+  fake upstream at 27.7k req/s (the previous committed run's: 47.9k) and the LiteLLM proxy
+  at 35 req/s (there: 64), so every CPU figure is higher for the machine alone. Measured
+  right after the run, interleaved on the same machine (wrk c16, 3 x 6 s each, twice), CPU
+  per request of the previous commit (6f048e3) and of this one: all stages on 1.11-1.15 ms
+  then 0.74-0.76 ms; bare 0.54-0.62 ms then 0.29-0.35 ms. On the previous run's machine
+  (0.666 ms all stages on for 6f048e3) that is about 0.44 ms.
 - **Counting instructions instead of sampling** (2026-11-28): on a 2-vCPU machine shared with
   other work, CPU time per request moved by 2x between identical runs, and py-spy's samples
   overstate code that makes system calls (`os.urandom` showed as 5 % of samples, ~1 µs in
@@ -146,8 +153,10 @@ def _reasons(r: dict[str, Any], cpu: float | None, add1: float | None, dpeak: fl
     bare_cpu = _load(bare, 16).cpu_ms_per_req if _load(bare, 16) else None
     staged = (f"bare (no stage) is {bare_cpu:.3f} ms here; every stage on adds {cpu - bare_cpu:.3f} ms "
               "(auth, limits with a token estimate and settle, quotas, a cache lookup and store, cost, "
-              "metrics, and the usage log's SQLite writes in the same process)"
-              if cpu and bare_cpu else f"load average at the start {load}")
+              "metrics, and the usage log's SQLite writes in the same process). CPU time per request "
+              f"follows the machine: straight to the fake upstream served {dpeak:,.0f} req/s in this run; "
+              "see \"Same machine, before and after\" below for this code against the previous one on it"
+              if cpu and bare_cpu and dpeak else f"load average at the start {load}")
     bare_peak = _peak(bare)
     lite = r.get("litellm")
     lpeak = _peak(lite) if lite is not None and lite.load else None
