@@ -324,7 +324,7 @@ def test_assemble_joins_a_stream_split_anywhere(case):
 def test_folding_a_stream_as_it_goes_changes_nothing_it_adds_up_to(case, data):
     """The gateway folds a long stream's sent events every FOLD_AT; wherever the folds
     fall, and however often, the answer assembled at the end is the same."""
-    from aiproxy.gateway import fold
+    from aiproxy.relay import fold
 
     answer, events = case
     cuts = sorted(data.draw(st.sets(st.integers(1, len(events)), max_size=4)))
@@ -338,7 +338,7 @@ def test_folding_a_stream_as_it_goes_changes_nothing_it_adds_up_to(case, data):
 
 
 def test_a_long_stream_holds_a_bounded_number_of_events():
-    from aiproxy.gateway import FOLD_AT, fold
+    from aiproxy.relay import FOLD_AT, fold
 
     head = {"id": "c1", "created": 1, "model": "m"}
     held: list[bytes] = []

@@ -65,3 +65,9 @@ class ProxyError(Exception):
 def invalid(message: str, param: str | None = None, code: str | None = None) -> ProxyError:
     """A 400 invalid_request_error naming the offending field."""
     return ProxyError(400, message, param=param, code=code)
+
+
+def internal_error() -> ProxyError:
+    """A 500 for a failure of the gateway's own (logged where it happened, never echoed)."""
+    return ProxyError(500, "The gateway failed while handling the request; it has been logged.",
+                      type="internal_error", code="internal_error")
