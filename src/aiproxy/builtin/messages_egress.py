@@ -206,10 +206,7 @@ class StreamWriter:
     def feed(self, chunk: dict[str, Any]) -> bytes:
         if self.ended:
             return b""
-        out: list[bytes] = []
-        if not self.started:
-            self.started = True
-            out.append(self._start())
+        out = self._opened()
         if "error" in chunk:
             out.append(self._error(chunk["error"]))
             self.ended = True
@@ -221,13 +218,17 @@ class StreamWriter:
                     self._choice(choice, out)
         return out[0] if len(out) == 1 else b"".join(out)
 
+    def _opened(self) -> list[bytes]:
+        """The events to send before this call's first: ``message_start``, once."""
+        if self.started:
+            return []
+        self.started = True
+        return [self._start()]
+
     def end(self) -> bytes:
         if self.ended:
             return b""
-        out: list[bytes] = []
-        if not self.started:
-            self.started = True
-            out.append(self._start())
+        out = self._opened()
         self._close(out)
         out.append(self._end())
         self.ended = True
