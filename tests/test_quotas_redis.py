@@ -51,6 +51,12 @@ def shared(redis: Any, quotas: dict[str, Any], keys: list[dict[str, Any]], url: 
                         redis={"url": url, "prefix": redis.test_prefix})
 
 
+def through(proxy: TcpProxy, redis: Any) -> Config:
+    """Key "ci" with 10,000 tokens a month, its counters reached through ``proxy``."""
+    return shared(redis, {"redis_retry_seconds": 5}, [key("ci", monthly_limit_tokens=10_000)],
+                  url=proxy.url(REDIS_URL))
+
+
 def answer_of_exactly_the_estimate() -> dict[str, Any]:
     return {"id": "chatcmpl-1", "object": "chat.completion", "created": 1, "model": "gpt-4o-mini",
             "choices": [{"index": 0, "message": {"role": "assistant", "content": "one two three"},
@@ -100,8 +106,7 @@ async def test_redis_going_away_fails_open_counted_logged_once_and_caught_up_aft
     clock = Clock(epoch(2026, 11, 10))
     name = f"{redis.test_prefix}quotas:tok:key:config:ci:2026-11"
     with TcpProxy.for_url(REDIS_URL) as proxy:
-        config = shared(redis, {"redis_retry_seconds": 5}, [key("ci", monthly_limit_tokens=10_000)],
-                        url=proxy.url(REDIS_URL))
+        config = through(proxy, redis)
         async with started(config, clock) as app:
             used = [(await app.chat("ci")).json()["usage"]["total_tokens"]]
             assert float(await redis.get(name)) == used[0]
@@ -185,8 +190,7 @@ async def test_a_reservation_applied_but_not_acknowledged_is_settled_exactly(red
     clock = Clock(epoch(2026, 11, 10))
     name = f"{redis.test_prefix}quotas:tok:key:config:ci:2026-11"
     with TcpProxy.for_url(REDIS_URL) as proxy:
-        config = shared(redis, {"redis_retry_seconds": 5}, [key("ci", monthly_limit_tokens=10_000)],
-                        url=proxy.url(REDIS_URL))
+        config = through(proxy, redis)
         async with started(config, clock) as app:
             app.upstream.post(f"{OPENAI_BASE}/chat/completions").mock(side_effect=lambda _: (
                 proxy.resume(), httpx.Response(200, json=answer_of_exactly_the_estimate()))[1])
